@@ -1,0 +1,129 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and the opt-in `POST /quitquitquit`.
+//! Nothing here spends credentials.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::token::TokenStore;
+
+/// Process-wide state the probes report on.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    /// Set when shutdown starts: `/readyz` turns 503 at once.
+    pub draining: AtomicBool,
+    /// True while the token refresher loop runs.
+    pub refresher_alive: Arc<AtomicBool>,
+}
+
+/// The admin endpoints.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    metrics: Metrics,
+    tokens: TokenStore,
+    lifecycle: Arc<Lifecycle>,
+    /// Fired by `POST /quitquitquit` when enabled.
+    quit: Option<CancellationToken>,
+}
+
+impl Admin {
+    pub fn new(
+        metrics: Metrics,
+        tokens: TokenStore,
+        lifecycle: Arc<Lifecycle>,
+        quit: Option<CancellationToken>,
+    ) -> Self {
+        Self {
+            metrics,
+            tokens,
+            lifecycle,
+            quit,
+        }
+    }
+
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let get = matches!(*req.method(), Method::GET | Method::HEAD);
+        let resp = match (req.uri().path(), get) {
+            ("/healthz", true) => {
+                if self.lifecycle.refresher_alive.load(Ordering::Acquire) {
+                    text(StatusCode::OK, "ok\n")
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "token refresher is not running\n",
+                    )
+                }
+            }
+            ("/readyz", true) => self.ready(),
+            ("/metrics", true) => {
+                let mut resp = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+            ("/quitquitquit", _) if req.method() == Method::POST => self.quit(peer),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz, /readyz or /metrics\n",
+            ),
+        };
+        Ok(resp)
+    }
+
+    fn ready(&self) -> Response<Full<Bytes>> {
+        if self.lifecycle.draining.load(Ordering::Acquire) {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down\n");
+        }
+        match self.tokens.current(Instant::now()) {
+            Ok(_) => text(StatusCode::OK, "ready\n"),
+            Err(unavailable) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{}\n", unavailable.message),
+            ),
+        }
+    }
+
+    fn quit(&self, peer: SocketAddr) -> Response<Full<Bytes>> {
+        match &self.quit {
+            None => text(
+                StatusCode::NOT_FOUND,
+                "quit endpoint disabled (server.enable_quit_endpoint)\n",
+            ),
+            Some(_) if !peer.ip().is_loopback() => text(
+                StatusCode::FORBIDDEN,
+                "quit is allowed from loopback only\n",
+            ),
+            Some(quit) => {
+                tracing::info!("Shutdown requested via /quitquitquit");
+                quit.cancel();
+                text(StatusCode::OK, "shutting down\n")
+            }
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

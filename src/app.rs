@@ -1,0 +1,271 @@
+//! Wiring: listeners, shared handles, background tasks, and the shutdown order
+//! (signal → not ready → optional delay → stop accepting → drain with a deadline → stop
+//! background tasks → exit).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{Admin, Lifecycle};
+use crate::client::{self, ClientError, ClientSettings};
+use crate::config::{parse_base_url, Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::path::Target;
+use crate::proxy::{Proxy, ProxySettings};
+use crate::server::{serve, ServeSettings};
+use crate::token::credential::CredentialSource;
+use crate::token::iam::IamClient;
+use crate::token::refresher::{RefreshSettings, Refresher};
+use crate::token::TokenStore;
+
+/// Starting sidekey failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({key})")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the outbound HTTPS client")]
+    Client(#[from] ClientError),
+}
+
+/// A bound, ready-to-run sidekey.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    proxy: Proxy,
+    admin: Admin,
+    metrics: Metrics,
+    tokens: TokenStore,
+    lifecycle: Arc<Lifecycle>,
+    quit: CancellationToken,
+    refresher: Refresher<IamClient>,
+}
+
+impl App {
+    /// Binds both listeners and builds every shared handle. `config` must be validated.
+    pub async fn bind(config: Config) -> Result<App, AppError> {
+        let proxy_listener = bind("server.listen", config.server.listen).await?;
+        let admin_listener = bind("server.admin_listen", config.server.admin_listen).await?;
+
+        let names: Vec<String> = config
+            .auth
+            .credentials
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        let metrics = Metrics::new(&names);
+        let tokens = TokenStore::new();
+        let lifecycle = Arc::new(Lifecycle::default());
+        let quit = CancellationToken::new();
+
+        let u = &config.upstream;
+        let upstream_settings = ClientSettings {
+            ca_file: u.ca_file.as_deref(),
+            connect_timeout: Duration::from_secs(u.connect_timeout_secs),
+            pool_idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
+            pool_max_idle_per_host: u.pool_max_idle_per_host,
+        };
+        let upstream_client =
+            client::build(client::connector(&upstream_settings)?, &upstream_settings);
+        let base = parse_base_url("upstream.base_url", &u.base_url)?;
+        let target = Target::new(&base).ok_or_else(|| ConfigError::Invalid {
+            key: "upstream.base_url".into(),
+            reason: "must be an absolute URL".into(),
+        })?;
+        let proxy = Proxy::new(
+            upstream_client,
+            ProxySettings {
+                target,
+                listen: proxy_listener
+                    .local_addr()
+                    .map_err(|source| AppError::Bind {
+                        key: "server.listen",
+                        addr: config.server.listen,
+                        source,
+                    })?
+                    .to_string(),
+                max_body: config.server.max_request_body_bytes,
+                replay_capacity: config.server.replay_buffer_bytes,
+                idle_timeout: Duration::from_secs(u.idle_timeout_secs),
+                request_timeout: u.request_timeout_secs.map(Duration::from_secs),
+                forced_refresh_wait: Duration::from_secs(config.auth.forced_refresh_timeout_secs),
+                access_log: config.log.access,
+            },
+            tokens.clone(),
+            metrics.clone(),
+        );
+
+        let a = &config.auth;
+        let iam_settings = ClientSettings {
+            ca_file: u.ca_file.as_deref(),
+            connect_timeout: Duration::from_secs(a.connect_timeout_secs),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 4,
+        };
+        let iam = IamClient::new(
+            client::build(client::connector(&iam_settings)?, &iam_settings),
+            parse_base_url("auth.token_url", &a.token_url)?,
+            Duration::from_secs(a.timeout_secs),
+        );
+        let creds = a
+            .credentials
+            .iter()
+            .map(CredentialSource::from_config)
+            .collect();
+        let refresher = Refresher::new(
+            iam,
+            tokens.clone(),
+            creds,
+            RefreshSettings::from_config(a),
+            metrics.clone(),
+        );
+
+        let admin = Admin::new(
+            metrics.clone(),
+            tokens.clone(),
+            Arc::clone(&lifecycle),
+            config.server.enable_quit_endpoint.then(|| quit.clone()),
+        );
+        Ok(App {
+            config,
+            proxy_listener,
+            admin_listener,
+            proxy,
+            admin,
+            metrics,
+            tokens,
+            lifecycle,
+            quit,
+            refresher,
+        })
+    }
+
+    /// The proxy's bound address (useful with port 0).
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn tokens(&self) -> &TokenStore {
+        &self.tokens
+    }
+
+    /// Serves until `shutdown` resolves (or `/quitquitquit`), then shuts down in order.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let App {
+            config,
+            proxy_listener,
+            admin_listener,
+            proxy,
+            admin,
+            metrics: _,
+            tokens: _,
+            lifecycle,
+            quit,
+            refresher,
+        } = self;
+        let s = &config.server;
+        let proxy_addr = proxy_listener.local_addr().ok();
+        let admin_addr = admin_listener.local_addr().ok();
+        let names: Vec<&str> = config
+            .auth
+            .credentials
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            listen = ?proxy_addr,
+            admin_listen = ?admin_addr,
+            upstream = %config.upstream.base_url,
+            token_url = %config.auth.token_url,
+            credentials = ?names,
+            "sidekey started"
+        );
+
+        let background = CancellationToken::new();
+        let refresher_task =
+            tokio::spawn(refresher.run(background.clone(), Arc::clone(&lifecycle.refresher_alive)));
+
+        let listener_settings = |name, grace| ServeSettings {
+            name,
+            max_connections: s.max_connections,
+            header_read_timeout: Duration::from_secs(s.header_read_timeout_secs),
+            max_headers: s.max_headers,
+            max_header_bytes: s.max_header_bytes,
+            grace,
+        };
+        let admin_stop = CancellationToken::new();
+        let admin_task = tokio::spawn(serve(
+            admin_listener,
+            listener_settings("admin", Duration::from_secs(1)),
+            admin_stop.clone(),
+            move |req, peer| {
+                let admin = admin.clone();
+                async move { admin.handle(req, peer).await }
+            },
+        ));
+        let proxy_stop = CancellationToken::new();
+        let proxy_task = tokio::spawn(serve(
+            proxy_listener,
+            listener_settings("proxy", Duration::from_secs(s.shutdown_grace_secs)),
+            proxy_stop.clone(),
+            move |req, _peer| {
+                let proxy = proxy.clone();
+                async move { proxy.handle(req).await }
+            },
+        ));
+
+        tokio::select! {
+            _ = shutdown => {}
+            _ = quit.cancelled() => {}
+        }
+        lifecycle.draining.store(true, Ordering::Release);
+        tracing::info!(
+            delay_secs = s.shutdown_delay_secs,
+            grace_secs = s.shutdown_grace_secs,
+            "Shutting down: not ready; draining in-flight requests"
+        );
+        if s.shutdown_delay_secs > 0 {
+            tokio::time::sleep(Duration::from_secs(s.shutdown_delay_secs)).await;
+        }
+        proxy_stop.cancel();
+        let _ = proxy_task.await;
+        background.cancel();
+        let _ = refresher_task.await;
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        tracing::info!("Shutdown complete");
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { key, addr, source })
+}

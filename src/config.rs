@@ -1,0 +1,632 @@
+//! Configuration: one serde tree with defaults, loaded from a TOML file and the environment, and
+//! validated in one place that names the offending key.
+//!
+//! Sources, later ones win: built-in defaults, the TOML file (`--config FILE` or
+//! `SIDEKEY_CONFIG`), `SIDEKEY_<SECTION>__<KEY>` variables, then the names users of the Cloud.ru
+//! SDK already have (`EVOLUTION_KEY_ID`, `EVOLUTION_SECRET`, `EVOLUTION_BACKUP_KEY_ID`,
+//! `EVOLUTION_BACKUP_SECRET`, `EVOLUTION_TOKEN_URL`, `EVOLUTION_BASE_URL`).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use http::Uri;
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+/// The whole configuration. Every field has a default, so an empty file is a valid config
+/// (apart from credentials, which `validate` asks for).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+/// The client-facing listeners and their limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where OpenAI SDKs connect. Loopback by default: anyone who can reach this port can spend
+    /// our credentials.
+    pub listen: SocketAddr,
+    /// Metrics and probes; never serves anything that spends credentials.
+    pub admin_listen: SocketAddr,
+    /// Must be set on purpose to listen on a non-loopback address.
+    pub allow_non_loopback: bool,
+    /// Largest request body accepted (413 above it), checked on `Content-Length` and while
+    /// streaming.
+    pub max_request_body_bytes: u64,
+    /// Request bodies up to this size are kept (as shared chunks, while streaming up) so a request
+    /// answered 401 can be replayed once with a fresh token. 0 disables replay.
+    pub replay_buffer_bytes: u64,
+    /// In-flight requests get this long to finish after shutdown starts.
+    pub shutdown_grace_secs: u64,
+    /// New connections are still accepted this long after a shutdown signal (for classic
+    /// sidecars whose app is still draining).
+    pub shutdown_delay_secs: u64,
+    /// Serve `POST /quitquitquit` on the admin port (loopback callers only).
+    pub enable_quit_endpoint: bool,
+    /// A client must send its request headers within this time (slowloris guard).
+    pub header_read_timeout_secs: u64,
+    /// Open client connections at most; further connections wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Request headers per request at most (HTTP/1).
+    pub max_headers: usize,
+    /// Bytes of request line plus headers at most (HTTP/1 read buffer, at least 8192).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8181)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9191)),
+            allow_non_loopback: false,
+            max_request_body_bytes: 32 * 1024 * 1024,
+            replay_buffer_bytes: 1024 * 1024,
+            shutdown_grace_secs: 30,
+            shutdown_delay_secs: 0,
+            enable_quit_endpoint: false,
+            header_read_timeout_secs: 30,
+            max_connections: 4096,
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The OpenAI-format API every request is forwarded to.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `/v1/<rest>` maps to `{base_url}/<rest>`.
+    pub base_url: String,
+    pub connect_timeout_secs: u64,
+    /// Optional limit on a whole request, response body included. Off by default: LLM streams
+    /// legitimately run for minutes.
+    pub request_timeout_secs: Option<u64>,
+    /// Longest silence from upstream, waiting for headers or between body chunks.
+    pub idle_timeout_secs: u64,
+    /// Extra PEM CA bundle trusted besides the built-in web roots (private CA, test gateway).
+    pub ca_file: Option<PathBuf>,
+    /// Idle pooled connections are closed after this long.
+    pub pool_idle_timeout_secs: u64,
+    /// Idle pooled connections kept per upstream host at most.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://foundation-models.api.cloud.ru/v1".into(),
+            connect_timeout_secs: 5,
+            request_timeout_secs: None,
+            idle_timeout_secs: 300,
+            ca_file: None,
+            pool_idle_timeout_secs: 90,
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+/// Token acquisition, refresh and failover.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Cloud.ru IAM token endpoint.
+    pub token_url: String,
+    /// Refresh this long before expiry (short-lived tokens: at the latest at half their life).
+    pub refresh_before_secs: u64,
+    /// A token is never sent once it is this close to expiry.
+    pub expiry_margin_secs: u64,
+    pub connect_timeout_secs: u64,
+    /// Whole IAM round trip at most.
+    pub timeout_secs: u64,
+    /// First retry delay after a failed fetch; doubles up to `backoff_max_ms`, jittered.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Consecutive transient failures of the active credential before failing over.
+    pub failover_after_failures: u32,
+    /// While on a backup, probe the primary at most this often.
+    pub failback_after_secs: u64,
+    /// Upstream 401s force at most one refresh per this interval.
+    pub min_forced_refresh_interval_secs: u64,
+    /// A request answered 401 waits at most this long for the forced refresh before replay.
+    pub forced_refresh_timeout_secs: u64,
+    /// Credential files are re-read this often; a change triggers a prompt refresh.
+    pub credential_poll_secs: u64,
+    /// Ordered: the first is the primary, the rest are backups.
+    pub credentials: Vec<CredentialConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            token_url: "https://iam.api.cloud.ru/api/v1/auth/token".into(),
+            refresh_before_secs: 300,
+            expiry_margin_secs: 5,
+            connect_timeout_secs: 5,
+            timeout_secs: 30,
+            backoff_initial_ms: 1000,
+            backoff_max_ms: 30_000,
+            failover_after_failures: 3,
+            failback_after_secs: 300,
+            min_forced_refresh_interval_secs: 10,
+            forced_refresh_timeout_secs: 10,
+            credential_poll_secs: 10,
+            credentials: Vec::new(),
+        }
+    }
+}
+
+/// One `key_id`/`secret` pair, inline or from files (Kubernetes Secret volumes).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialConfig {
+    /// Shown in logs, metrics and errors; never the key id itself.
+    pub name: String,
+    pub key_id: Option<Secret>,
+    pub key_id_file: Option<PathBuf>,
+    pub secret: Option<Secret>,
+    pub secret_file: Option<PathBuf>,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter, e.g. `info` or `sidekey=debug,hyper=info`. `RUST_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+    /// One line per proxied request (method, endpoint, status, durations, bytes, credential).
+    pub access: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+            access: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration problem. The message names the key and, where known, the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {} does not exist", .0.display())]
+    FileMissing(PathBuf),
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config from the optional file, then the environment. Does not validate.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError::FileMissing(path.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("SIDEKEY_").split("__").ignore(&["config"]));
+        let mut config: Config = figment.extract().map_err(|e| parse_error(&e))?;
+        config.apply_evolution_env(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
+        Ok(config)
+    }
+
+    /// Applies the Cloud.ru SDK's environment names: the first two credentials are "primary"
+    /// and "backup"; inline values replace files for the field they set.
+    pub fn apply_evolution_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = get("EVOLUTION_TOKEN_URL") {
+            self.auth.token_url = url;
+        }
+        if let Some(url) = get("EVOLUTION_BASE_URL") {
+            self.upstream.base_url = url;
+        }
+        let slots = [
+            (0, "primary", "EVOLUTION_KEY_ID", "EVOLUTION_SECRET"),
+            (
+                1,
+                "backup",
+                "EVOLUTION_BACKUP_KEY_ID",
+                "EVOLUTION_BACKUP_SECRET",
+            ),
+        ];
+        for (index, name, key_var, secret_var) in slots {
+            let (key_id, secret) = (get(key_var), get(secret_var));
+            if key_id.is_none() && secret.is_none() {
+                continue;
+            }
+            while self.auth.credentials.len() <= index {
+                let name = ["primary", "backup"][self.auth.credentials.len()];
+                self.auth.credentials.push(CredentialConfig {
+                    name: name.into(),
+                    ..Default::default()
+                });
+            }
+            let cred = &mut self.auth.credentials[index];
+            if cred.name.is_empty() {
+                cred.name = name.into();
+            }
+            if let Some(key_id) = key_id {
+                cred.key_id = Some(Secret::from(key_id));
+                cred.key_id_file = None;
+            }
+            if let Some(secret) = secret {
+                cred.secret = Some(Secret::from(secret));
+                cred.secret_file = None;
+            }
+        }
+    }
+
+    /// Checks everything `run` needs, naming the key of the first problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_server()?;
+        self.validate_upstream()?;
+        self.validate_auth()?;
+        self.validate_credentials()?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        for (key, addr) in [
+            ("server.listen", s.listen),
+            ("server.admin_listen", s.admin_listen),
+        ] {
+            if !addr.ip().is_loopback() && !s.allow_non_loopback {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "{addr} is not a loopback address; anyone who can reach it can spend \
+                         the configured credentials (set server.allow_non_loopback = true to allow)"
+                    ),
+                ));
+            }
+        }
+        if s.listen == s.admin_listen && s.listen.port() != 0 {
+            return Err(ConfigError::invalid(
+                "server.admin_listen",
+                "must differ from server.listen",
+            ));
+        }
+        positive("server.max_request_body_bytes", s.max_request_body_bytes)?;
+        positive(
+            "server.header_read_timeout_secs",
+            s.header_read_timeout_secs,
+        )?;
+        positive("server.max_connections", s.max_connections as u64)?;
+        positive("server.max_headers", s.max_headers as u64)?;
+        if s.max_header_bytes < 8192 {
+            return Err(ConfigError::invalid(
+                "server.max_header_bytes",
+                "must be at least 8192",
+            ));
+        }
+        if s.replay_buffer_bytes > s.max_request_body_bytes {
+            return Err(ConfigError::invalid(
+                "server.replay_buffer_bytes",
+                "must not exceed server.max_request_body_bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_upstream(&self) -> Result<(), ConfigError> {
+        let u = &self.upstream;
+        parse_base_url("upstream.base_url", &u.base_url)?;
+        positive("upstream.connect_timeout_secs", u.connect_timeout_secs)?;
+        positive("upstream.idle_timeout_secs", u.idle_timeout_secs)?;
+        if let Some(t) = u.request_timeout_secs {
+            positive("upstream.request_timeout_secs", t)?;
+        }
+        if let Some(ca) = &u.ca_file {
+            if !ca.is_file() {
+                return Err(ConfigError::invalid(
+                    "upstream.ca_file",
+                    format!("{} does not exist", ca.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        parse_base_url("auth.token_url", &a.token_url)?;
+        positive("auth.connect_timeout_secs", a.connect_timeout_secs)?;
+        positive("auth.timeout_secs", a.timeout_secs)?;
+        positive("auth.backoff_initial_ms", a.backoff_initial_ms)?;
+        positive(
+            "auth.failover_after_failures",
+            u64::from(a.failover_after_failures),
+        )?;
+        positive("auth.credential_poll_secs", a.credential_poll_secs)?;
+        positive(
+            "auth.forced_refresh_timeout_secs",
+            a.forced_refresh_timeout_secs,
+        )?;
+        if a.backoff_max_ms < a.backoff_initial_ms {
+            return Err(ConfigError::invalid(
+                "auth.backoff_max_ms",
+                "must be at least auth.backoff_initial_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
+        let creds = &self.auth.credentials;
+        if creds.is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.credentials",
+                "at least one credential is required ([[auth.credentials]] with key_id/secret or \
+                 key_id_file/secret_file, or EVOLUTION_KEY_ID and EVOLUTION_SECRET)",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, c) in creds.iter().enumerate() {
+            let key = |field: &str| format!("auth.credentials[{i}].{field}");
+            if c.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("duplicate name '{}'", c.name),
+                ));
+            }
+            one_source(
+                &key("key_id"),
+                &key("key_id_file"),
+                c.key_id.as_ref(),
+                c.key_id_file.as_ref(),
+            )?;
+            one_source(
+                &key("secret"),
+                &key("secret_file"),
+                c.secret.as_ref(),
+                c.secret_file.as_ref(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The config as TOML with every secret replaced by `[redacted]`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    pub fn upstream_connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream.connect_timeout_secs)
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn one_source(
+    key: &str,
+    file_key: &str,
+    inline: Option<&Secret>,
+    file: Option<&PathBuf>,
+) -> Result<(), ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::invalid(
+            key,
+            format!("set either {key} or {file_key}, not both"),
+        )),
+        (None, None) => Err(ConfigError::invalid(
+            key,
+            format!("missing (set {key} or {file_key})"),
+        )),
+        (Some(v), None) if v.is_empty() => Err(ConfigError::invalid(key, "must not be empty")),
+        (None, Some(path)) if !path.is_file() => Err(ConfigError::invalid(
+            file_key,
+            format!("{} does not exist", path.display()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Parses an absolute `http`/`https` URL without query or fragment.
+pub fn parse_base_url(key: &str, value: &str) -> Result<Uri, ConfigError> {
+    let uri: Uri = value
+        .parse()
+        .map_err(|e| ConfigError::invalid(key, format!("{value:?} is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{value:?} must start with http:// or https://"),
+            ))
+        }
+    }
+    if uri.authority().is_none() {
+        return Err(ConfigError::invalid(key, format!("{value:?} has no host")));
+    }
+    if uri.query().is_some() || value.contains('#') {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value:?} must not have a query or fragment"),
+        ));
+    }
+    Ok(uri)
+}
+
+/// Turns a figment error into one line naming the key and the source, without echoing a value
+/// that was meant to be secret.
+fn parse_error(err: &figment::Error) -> ConfigError {
+    let mut lines = Vec::new();
+    for e in err.clone() {
+        let sensitive = e
+            .path
+            .last()
+            .is_some_and(|k| k == "key_id" || k == "secret");
+        if sensitive {
+            let key = e.path.join(".");
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| match &m.source {
+                    Some(src) => format!(" in {src} {}", m.name),
+                    None => format!(" in {}", m.name),
+                })
+                .unwrap_or_default();
+            lines.push(format!(
+                "invalid value (redacted) for key \"{key}\"{source}"
+            ));
+        } else {
+            lines.push(e.to_string());
+        }
+    }
+    ConfigError::Parse(lines.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_credential() -> Config {
+        let mut c = Config::default();
+        c.auth.credentials.push(CredentialConfig {
+            name: "primary".into(),
+            key_id: Some("KEYID-7f3a".into()),
+            secret: Some("SECRET-9c2e".into()),
+            ..Default::default()
+        });
+        c
+    }
+
+    #[test]
+    fn defaults_match_the_documented_contract() {
+        let c = Config::default();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8181");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9191");
+        assert_eq!(c.server.max_request_body_bytes, 33_554_432);
+        assert_eq!(c.server.shutdown_grace_secs, 30);
+        assert_eq!(
+            c.upstream.base_url,
+            "https://foundation-models.api.cloud.ru/v1"
+        );
+        assert_eq!(c.upstream.connect_timeout_secs, 5);
+        assert_eq!(
+            c.auth.token_url,
+            "https://iam.api.cloud.ru/api/v1/auth/token"
+        );
+        assert_eq!(c.auth.refresh_before_secs, 300);
+    }
+
+    #[test]
+    fn a_valid_config_validates() {
+        with_credential().validate().unwrap();
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_opt_in() {
+        let mut c = with_credential();
+        c.server.listen = "0.0.0.0:8181".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
+        c.server.allow_non_loopback = true;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn missing_credentials_name_the_key() {
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("auth.credentials"), "{err}");
+        let mut c = with_credential();
+        c.auth.credentials[0].secret = None;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.credentials[0].secret"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_credential_names_are_refused() {
+        let mut c = with_credential();
+        c.auth.credentials.push(c.auth.credentials[0].clone());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.credentials[1].name"), "{err}");
+    }
+
+    #[test]
+    fn base_url_must_be_http() {
+        assert!(parse_base_url("k", "ftp://x/v1").is_err());
+        assert!(parse_base_url("k", "/v1").is_err());
+        assert!(parse_base_url("k", "http://x/v1?a=b").is_err());
+        assert!(parse_base_url("k", "https://x/v1/").is_ok());
+    }
+
+    #[test]
+    fn evolution_env_fills_primary_and_backup() {
+        let mut c = Config::default();
+        let env = |k: &str| match k {
+            "EVOLUTION_KEY_ID" => Some("k1".to_string()),
+            "EVOLUTION_SECRET" => Some("s1".to_string()),
+            "EVOLUTION_BACKUP_KEY_ID" => Some("k2".to_string()),
+            "EVOLUTION_BACKUP_SECRET" => Some("s2".to_string()),
+            "EVOLUTION_BASE_URL" => Some("http://127.0.0.1:1/v1".to_string()),
+            _ => None,
+        };
+        c.apply_evolution_env(env);
+        assert_eq!(c.auth.credentials.len(), 2);
+        assert_eq!(c.auth.credentials[0].name, "primary");
+        assert_eq!(c.auth.credentials[1].name, "backup");
+        assert_eq!(
+            c.auth.credentials[1].secret.as_ref().unwrap().expose(),
+            "s2"
+        );
+        assert_eq!(c.upstream.base_url, "http://127.0.0.1:1/v1");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn debug_and_redacted_toml_hide_secrets() {
+        let c = with_credential();
+        let debug = format!("{c:?}");
+        let toml = c.to_redacted_toml();
+        for out in [debug, toml] {
+            assert!(
+                !out.contains("KEYID-7f3a") && !out.contains("SECRET-9c2e"),
+                "{out}"
+            );
+            assert!(out.contains("[redacted]"));
+        }
+    }
+}

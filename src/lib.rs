@@ -1,0 +1,32 @@
+//! sidekey: a local sidecar proxy that keeps short-lived cloud LLM tokens fresh for any
+//! OpenAI SDK.
+//!
+//! Module map:
+//! - [`config`]: the serde tree, its sources (file, env) and validation.
+//! - [`app`]: wiring and shutdown order; [`server`]: the accept loop; [`signal`]: SIGTERM/SIGINT.
+//! - [`proxy`]: the request path (path mapping, header hygiene, streaming bodies, 401 replay,
+//!   error mapping).
+//! - [`token`]: the token store, IAM client, schedule, failover and refresher.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the owned registry.
+//! - [`dev`]: `sidekey dev`, a self-contained demo with a fake IAM and an echoing upstream.
+//!
+//! A request: client → [`proxy::Proxy::handle`] → [`token::TokenStore::current`] (lock-free) →
+//! upstream with `Authorization: Bearer <token>` → response streamed back. In the background,
+//! [`token::refresher::Refresher`] owns every token fetch.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dev;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod signal;
+pub mod token;
+
+pub use app::App;
+pub use config::Config;

@@ -1,0 +1,298 @@
+//! Prometheus metrics: an owned registry and typed handles, built once and shared as a cheap
+//! clone. Label values come from closed sets only (endpoint, status code, credential name).
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::proxy::path::Endpoint;
+
+/// Buckets that resolve sub-millisecond proxy work and multi-minute streams alike.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
+
+/// Shared metric handles. Cloning is an `Arc` bump.
+#[derive(Clone, Debug)]
+pub struct Metrics(Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    registry: Registry,
+    pub token_refresh_total: IntCounterVec,
+    pub token_refresh_duration_seconds: HistogramVec,
+    pub token_expiry_timestamp_seconds: Gauge,
+    pub token_last_success_timestamp_seconds: Gauge,
+    pub active_credential: IntGaugeVec,
+    pub credential_failovers_total: IntCounterVec,
+    pub forced_refreshes_total: IntCounter,
+    pub requests_total: IntCounterVec,
+    /// Per endpoint, resolved once so the request path does no label lookup.
+    request_duration: Vec<Histogram>,
+    upstream_response: Vec<Histogram>,
+    pub upstream_unauthorized_total: IntCounter,
+    pub request_replays_total: IntCounter,
+    pub inflight_requests: IntGauge,
+    pub refresher_panics_total: IntCounter,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Metrics {
+    /// Builds and registers every metric. `credentials` are the configured names, so the
+    /// per-credential series exist (at zero) from the start.
+    pub fn new(credentials: &[String]) -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let token_refresh_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "sidekey_token_refresh_total",
+                    "Token fetches by credential and result.",
+                ),
+                &["credential", "result"],
+            ),
+        );
+        let token_refresh_duration_seconds = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "sidekey_token_refresh_duration_seconds",
+                    "Token endpoint round trip.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["credential"],
+            ),
+        );
+        let token_expiry_timestamp_seconds = register(
+            r,
+            Gauge::new(
+                "sidekey_token_expiry_timestamp_seconds",
+                "Unix time the current token expires (0 if none).",
+            ),
+        );
+        let token_last_success_timestamp_seconds = register(
+            r,
+            Gauge::new(
+                "sidekey_token_last_success_timestamp_seconds",
+                "Unix time of the last successful token fetch.",
+            ),
+        );
+        let active_credential = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "sidekey_active_credential",
+                    "1 for the credential in use, 0 for the others.",
+                ),
+                &["credential"],
+            ),
+        );
+        let credential_failovers_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "sidekey_credential_failovers_total",
+                    "Switches between credentials.",
+                ),
+                &["from", "to"],
+            ),
+        );
+        let forced_refreshes_total = register(
+            r,
+            IntCounter::new(
+                "sidekey_forced_refreshes_total",
+                "Refreshes forced by an upstream 401 for the current token.",
+            ),
+        );
+        let requests_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "sidekey_requests_total",
+                    "Proxied requests by endpoint and HTTP status.",
+                ),
+                &["endpoint", "code"],
+            ),
+        );
+        let request_duration_vec = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "sidekey_request_duration_seconds",
+                    "From request start to the end of the response body.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["endpoint"],
+            ),
+        );
+        let upstream_response_vec = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "sidekey_upstream_response_seconds",
+                    "Until upstream response headers (time to first byte).",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["endpoint"],
+            ),
+        );
+        let upstream_unauthorized_total = register(
+            r,
+            IntCounter::new(
+                "sidekey_upstream_unauthorized_total",
+                "401 responses from upstream.",
+            ),
+        );
+        let request_replays_total = register(
+            r,
+            IntCounter::new(
+                "sidekey_request_replays_total",
+                "Requests replayed after a forced refresh.",
+            ),
+        );
+        let inflight_requests = register(
+            r,
+            IntGauge::new("sidekey_inflight_requests", "Requests in progress."),
+        );
+        let refresher_panics_total = register(
+            r,
+            IntCounter::new(
+                "sidekey_refresher_panics_total",
+                "Token fetch tasks that panicked (caught; the refresher went on).",
+            ),
+        );
+        let build_info = register(
+            r,
+            IntGaugeVec::new(Opts::new("sidekey_build_info", "Always 1."), &["version"]),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        for name in credentials {
+            active_credential.with_label_values(&[name]).set(0);
+            for result in ["success", "failure"] {
+                token_refresh_total.with_label_values(&[name.as_str(), result]);
+            }
+        }
+        let request_duration = Endpoint::ALL
+            .iter()
+            .map(|e| request_duration_vec.with_label_values(&[e.as_str()]))
+            .collect();
+        let upstream_response = Endpoint::ALL
+            .iter()
+            .map(|e| upstream_response_vec.with_label_values(&[e.as_str()]))
+            .collect();
+
+        Metrics(Arc::new(Inner {
+            registry,
+            token_refresh_total,
+            token_refresh_duration_seconds,
+            token_expiry_timestamp_seconds,
+            token_last_success_timestamp_seconds,
+            active_credential,
+            credential_failovers_total,
+            forced_refreshes_total,
+            requests_total,
+            request_duration,
+            upstream_response,
+            upstream_unauthorized_total,
+            request_replays_total,
+            inflight_requests,
+            refresher_panics_total,
+        }))
+    }
+
+    pub fn request_duration(&self, endpoint: Endpoint) -> &Histogram {
+        &self.request_duration[endpoint as usize]
+    }
+
+    pub fn upstream_response(&self, endpoint: Endpoint) -> &Histogram {
+        &self.upstream_response[endpoint as usize]
+    }
+
+    /// Marks `active` as the credential in use.
+    pub fn set_active_credential(&self, names: &[String], active: usize) {
+        for (i, name) in names.iter().enumerate() {
+            self.active_credential
+                .with_label_values(&[name])
+                .set(i64::from(i == active));
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec only fails on invalid metric data, which typed handles rule out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    // Names and labels are constants above; failure here is a programming error caught by tests.
+    let metric = metric.expect("metric definition is valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_contract_metric() {
+        let m = Metrics::new(&["primary".into(), "backup".into()]);
+        m.requests_total.with_label_values(&["models", "200"]).inc();
+        m.credential_failovers_total
+            .with_label_values(&["primary", "backup"])
+            .inc();
+        m.request_duration(Endpoint::Models).observe(0.001);
+        m.upstream_response(Endpoint::Models).observe(0.001);
+        let text = m.render();
+        for name in [
+            "sidekey_token_refresh_total",
+            "sidekey_token_refresh_duration_seconds",
+            "sidekey_token_expiry_timestamp_seconds",
+            "sidekey_token_last_success_timestamp_seconds",
+            "sidekey_active_credential",
+            "sidekey_credential_failovers_total",
+            "sidekey_requests_total",
+            "sidekey_request_duration_seconds",
+            "sidekey_upstream_response_seconds",
+            "sidekey_upstream_unauthorized_total",
+            "sidekey_request_replays_total",
+            "sidekey_inflight_requests",
+            "sidekey_build_info",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
+        }
+        assert!(text.contains("le=\"0.0001\""));
+        assert!(text.contains("le=\"600\""));
+    }
+
+    #[test]
+    fn active_credential_is_one_hot() {
+        let names = vec!["primary".to_string(), "backup".to_string()];
+        let m = Metrics::new(&names);
+        m.set_active_credential(&names, 1);
+        assert_eq!(m.active_credential.with_label_values(&["primary"]).get(), 0);
+        assert_eq!(m.active_credential.with_label_values(&["backup"]).get(), 1);
+    }
+}

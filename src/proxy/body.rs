@@ -1,0 +1,478 @@
+//! Streaming bodies: the request body on its way up (size limit, replay copy), the replayed body,
+//! and the response body on its way down (idle and total timeouts, metrics when it ends).
+//!
+//! Nothing here buffers a stream: frames pass through as they arrive. The replay copy holds
+//! reference-counted clones of the chunks already sent, up to `server.replay_buffer_bytes`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use super::path::Endpoint;
+use crate::metrics::Metrics;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Errors sidekey itself raises inside a body.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(u64),
+    #[error("upstream sent nothing for {0:?}")]
+    Idle(Duration),
+    #[error("request exceeded upstream.request_timeout_secs")]
+    Deadline,
+}
+
+/// What the request body tells the handler after the fact.
+#[derive(Debug, Default)]
+pub struct BodyShared {
+    /// The whole body, set once it has been read to the end within the replay capacity.
+    complete: OnceLock<Vec<Bytes>>,
+    too_large: AtomicBool,
+}
+
+impl BodyShared {
+    /// The full body for a replay, if it was captured.
+    pub fn replayable(&self) -> Option<Vec<Bytes>> {
+        self.complete.get().cloned()
+    }
+
+    /// True if the body went over the size limit while streaming.
+    pub fn too_large(&self) -> bool {
+        self.too_large.load(Ordering::Acquire)
+    }
+}
+
+pin_project! {
+    /// The client's request body as sent upstream: counted against the limit, and copied for a
+    /// possible replay while it fits.
+    pub struct RequestBody {
+        #[pin]
+        inner: Incoming,
+        limit: u64,
+        seen: u64,
+        replay: Option<Replay>,
+        shared: Arc<BodyShared>,
+    }
+}
+
+struct Replay {
+    chunks: Vec<Bytes>,
+    size: u64,
+    capacity: u64,
+}
+
+impl RequestBody {
+    /// `replay_capacity` of `None` keeps no copy.
+    pub fn new(
+        inner: Incoming,
+        limit: u64,
+        replay_capacity: Option<u64>,
+        shared: Arc<BodyShared>,
+    ) -> Self {
+        let mut replay = replay_capacity.map(|capacity| Replay {
+            chunks: Vec::new(),
+            size: 0,
+            capacity,
+        });
+        if inner.is_end_stream() {
+            // No body at all (GET): the client may never poll it, so it is complete already.
+            if replay.take().is_some() {
+                let _ = shared.complete.set(Vec::new());
+            }
+        }
+        Self {
+            inner,
+            limit,
+            seen: 0,
+            replay,
+            shared,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match ready!(this.inner.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.limit {
+                        *this.replay = None;
+                        this.shared.too_large.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(*this.limit).into())));
+                    }
+                    if let Some(r) = this.replay.as_mut() {
+                        r.size += data.len() as u64;
+                        if r.size > r.capacity {
+                            *this.replay = None;
+                        } else {
+                            r.chunks.push(data.clone());
+                        }
+                    }
+                } else {
+                    // Trailers are not replayed; a body that has them is not replayable.
+                    *this.replay = None;
+                }
+                if this.inner.is_end_stream() {
+                    finish(this.replay, this.shared);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                *this.replay = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            None => {
+                finish(this.replay, this.shared);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn finish(replay: &mut Option<Replay>, shared: &BodyShared) {
+    if let Some(r) = replay.take() {
+        let _ = shared.complete.set(r.chunks);
+    }
+}
+
+/// A captured body sent again.
+#[derive(Debug)]
+pub struct ReplayBody {
+    chunks: std::vec::IntoIter<Bytes>,
+    remaining: u64,
+}
+
+impl ReplayBody {
+    pub fn new(chunks: Vec<Bytes>) -> Self {
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        Self {
+            chunks: chunks.into_iter(),
+            remaining,
+        }
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.chunks.next().map(|c| {
+            self.remaining -= c.len() as u64;
+            Ok(Frame::data(c))
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0 && self.chunks.len() == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+pin_project! {
+    /// The body sent upstream: the client's stream, or a replay of it.
+    #[project = UpstreamBodyProj]
+    pub enum UpstreamBody {
+        Streaming { #[pin] body: RequestBody },
+        Replay { body: ReplayBody },
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            UpstreamBodyProj::Streaming { body } => body.poll_frame(cx),
+            UpstreamBodyProj::Replay { body } => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Streaming { body } => body.is_end_stream(),
+            UpstreamBody::Replay { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Streaming { body } => body.size_hint(),
+            UpstreamBody::Replay { body } => body.size_hint(),
+        }
+    }
+}
+
+/// Per-request bookkeeping that ends when the response body ends (or is dropped because the
+/// client went away): the duration histogram, the in-flight gauge, the optional access line.
+#[derive(Debug)]
+pub struct RequestGuard {
+    metrics: Metrics,
+    endpoint: Endpoint,
+    start: Instant,
+    bytes_out: u64,
+    access: Option<Box<AccessInfo>>,
+}
+
+/// Fields of the access log line, collected only when `log.access = true`.
+#[derive(Debug, Default)]
+pub struct AccessInfo {
+    pub method: Method,
+    pub status: u16,
+    pub ttfb: Option<Duration>,
+    pub bytes_in: Option<u64>,
+    pub credential: Option<Arc<str>>,
+    pub request_id: Option<HeaderValue>,
+    pub replayed: bool,
+}
+
+impl RequestGuard {
+    /// Starts tracking a request; the in-flight gauge goes up until this is dropped.
+    pub fn new(
+        metrics: Metrics,
+        endpoint: Endpoint,
+        start: Instant,
+        access: Option<Box<AccessInfo>>,
+    ) -> Self {
+        metrics.inflight_requests.inc();
+        Self {
+            metrics,
+            endpoint,
+            start,
+            bytes_out: 0,
+            access,
+        }
+    }
+
+    pub fn access(&mut self) -> Option<&mut AccessInfo> {
+        self.access.as_deref_mut()
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        self.metrics.inflight_requests.dec();
+        self.metrics
+            .request_duration(self.endpoint)
+            .observe(elapsed.as_secs_f64());
+        if let Some(a) = &self.access {
+            tracing::info!(
+                target: "sidekey::access",
+                method = %a.method,
+                endpoint = self.endpoint.as_str(),
+                status = a.status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                ttfb_ms = a.ttfb.map(|d| d.as_secs_f64() * 1000.0),
+                bytes_in = a.bytes_in,
+                bytes_out = self.bytes_out,
+                credential = a.credential.as_deref(),
+                request_id = a.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                replayed = a.replayed,
+                "Request"
+            );
+        }
+    }
+}
+
+pin_project! {
+    /// The body sent to the client.
+    pub struct ResponseBody {
+        #[pin]
+        kind: Kind,
+        guard: Option<RequestGuard>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind {
+        Upstream {
+            #[pin]
+            body: Incoming,
+            #[pin]
+            timer: Sleep,
+            idle: Duration,
+            deadline: Option<Instant>,
+        },
+        Local { #[pin] body: Full<Bytes> },
+    }
+}
+
+impl ResponseBody {
+    /// An upstream body, cut if upstream is silent for `idle` or runs past `deadline`.
+    pub fn upstream(
+        body: Incoming,
+        idle: Duration,
+        deadline: Option<Instant>,
+        guard: RequestGuard,
+    ) -> Self {
+        let at = next_timer(Instant::now(), idle, deadline);
+        Self {
+            kind: Kind::Upstream {
+                body,
+                timer: tokio::time::sleep_until(at),
+                idle,
+                deadline,
+            },
+            guard: Some(guard),
+        }
+    }
+
+    /// A body sidekey wrote itself.
+    pub fn local(bytes: Bytes, guard: Option<RequestGuard>) -> Self {
+        Self {
+            kind: Kind::Local {
+                body: Full::new(bytes),
+            },
+            guard,
+        }
+    }
+
+    /// Attaches the request guard (for local responses built before it existed).
+    pub fn set_guard(&mut self, guard: RequestGuard) {
+        self.guard = Some(guard);
+    }
+}
+
+impl From<Bytes> for ResponseBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::local(bytes, None)
+    }
+}
+
+fn next_timer(now: Instant, idle: Duration, deadline: Option<Instant>) -> Instant {
+    let idle_at = now + idle;
+    match deadline {
+        Some(d) => d.min(idle_at),
+        None => idle_at,
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match this.kind.project() {
+            KindProj::Local { body } => match ready!(body.poll_frame(cx)) {
+                Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+                Some(Err(never)) => match never {},
+                None => Poll::Ready(None),
+            },
+            KindProj::Upstream {
+                body,
+                mut timer,
+                idle,
+                deadline,
+            } => match body.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    timer
+                        .as_mut()
+                        .reset(next_timer(Instant::now(), *idle, *deadline));
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "Upstream response body failed; the client sees a cut stream");
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => {
+                    ready!(timer.poll(cx));
+                    let err = match deadline {
+                        Some(d) if Instant::now() >= *d => BodyError::Deadline,
+                        _ => BodyError::Idle(*idle),
+                    };
+                    tracing::warn!(error = %err, "Cutting the response stream");
+                    Poll::Ready(Some(Err(err.into())))
+                }
+            },
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(guard)) = (&polled, this.guard.as_mut()) {
+            if let Some(data) = frame.data_ref() {
+                guard.bytes_out += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Local { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Local { body } => body.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn replay_body_yields_chunks_in_order() {
+        let body = ReplayBody::new(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]);
+        assert_eq!(body.size_hint().exact(), Some(4));
+        let all = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&all[..], b"abcd");
+    }
+
+    #[test]
+    fn timer_respects_the_deadline() {
+        let now = Instant::now();
+        let idle = Duration::from_secs(300);
+        assert_eq!(next_timer(now, idle, None), now + idle);
+        let d = now + Duration::from_secs(5);
+        assert_eq!(next_timer(now, idle, Some(d)), d);
+    }
+}

@@ -1,0 +1,125 @@
+//! sidekey's own errors and the one place that maps them to HTTP: an OpenAI-shaped JSON body
+//! (`{"error":{"message","type":"sidekey_error","code"}}`), so SDKs surface them well.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+/// Why sidekey answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route: sidekey serves the OpenAI API under /v1; set your SDK's base_url to http://{listen}/v1")]
+    NotFound { listen: String },
+    #[error("invalid path: dot segments and encoded slashes are not allowed")]
+    BadPath,
+    #[error("sidekey is not a forward proxy: absolute-form URIs and CONNECT are refused")]
+    NotAProxy,
+    #[error("request body exceeds the limit of {limit} bytes (server.max_request_body_bytes)")]
+    PayloadTooLarge { limit: u64 },
+    #[error("{message}")]
+    NoToken {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("upstream unreachable")]
+    Unreachable(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("reading the request body failed")]
+    ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("building the upstream request failed")]
+    BadUpstreamRequest(#[source] http::Error),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ProxyError::BadPath | ProxyError::NotAProxy | ProxyError::ClientBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unreachable(_) | ProxyError::BadUpstreamRequest(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::NotFound { .. } => "not_found",
+            ProxyError::BadPath => "invalid_path",
+            ProxyError::NotAProxy => "not_a_forward_proxy",
+            ProxyError::PayloadTooLarge { .. } => "request_too_large",
+            ProxyError::NoToken { .. } => "no_valid_token",
+            ProxyError::Unreachable(_) => "upstream_unreachable",
+            ProxyError::Timeout(_) => "upstream_timeout",
+            ProxyError::ClientBody(_) => "bad_request_body",
+            ProxyError::BadUpstreamRequest(_) => "bad_upstream_request",
+        }
+    }
+
+    /// The message for the client, with the cause chain where it helps (no secrets live there).
+    fn client_message(&self) -> String {
+        match self {
+            ProxyError::Unreachable(e) => {
+                format!("{self}: {}", crate::token::refresher::error_chain(e))
+            }
+            _ => self.to_string(),
+        }
+    }
+
+    /// The HTTP response for this error.
+    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.client_message(),
+                "type": "sidekey_error",
+                "code": self.code(),
+            }
+        });
+        let mut resp = Response::new(B::from(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status();
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let ProxyError::NoToken {
+            retry_after_secs, ..
+        } = self
+        {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    #[test]
+    fn no_token_is_503_with_retry_after_and_openai_shape() {
+        let err = ProxyError::NoToken {
+            message: "no valid token: x".into(),
+            retry_after_secs: 7,
+        };
+        let resp: Response<Full<Bytes>> = err.to_response();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[RETRY_AFTER], "7");
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(ProxyError::NotFound { listen: "x".into() }.status(), 404);
+        assert_eq!(ProxyError::PayloadTooLarge { limit: 1 }.status(), 413);
+        assert_eq!(ProxyError::Timeout(Duration::from_secs(1)).status(), 504);
+        assert_eq!(ProxyError::NotAProxy.status(), 400);
+    }
+}

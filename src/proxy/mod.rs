@@ -1,0 +1,292 @@
+//! The reverse proxy: every `/v1/...` request goes to `{upstream.base_url}/...` with the
+//! client's `Authorization` replaced by the current token, bodies streamed both ways.
+//!
+//! Flow of one request: classify the endpoint → refuse what is not ours (404, 400, 413) → load
+//! the token (503 if none) → rewrite URI and headers → stream upstream → on 401 for the current
+//! token, force one refresh and replay once if the body was captured → stream the response back.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod path;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use tokio::time::Instant;
+
+use self::body::{
+    AccessInfo, BodyShared, ReplayBody, RequestBody, RequestGuard, ResponseBody, UpstreamBody,
+};
+use self::error::ProxyError;
+use self::path::{Endpoint, PathError, Target};
+use crate::client::Connector;
+use crate::metrics::Metrics;
+use crate::token::refresher::error_chain;
+use crate::token::TokenStore;
+
+/// Proxy settings, in the units the code needs.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub target: Target,
+    /// Shown in the 404 message, so a misconfigured SDK learns the right base_url.
+    pub listen: String,
+    pub max_body: u64,
+    pub replay_capacity: u64,
+    pub idle_timeout: Duration,
+    pub request_timeout: Option<Duration>,
+    pub forced_refresh_wait: Duration,
+    pub access_log: bool,
+}
+
+/// A cheap-to-clone handle on everything a request needs.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client<Connector, UpstreamBody>,
+    settings: ProxySettings,
+    tokens: TokenStore,
+    metrics: Metrics,
+}
+
+impl Proxy {
+    pub fn new(
+        client: Client<Connector, UpstreamBody>,
+        settings: ProxySettings,
+        tokens: TokenStore,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                settings,
+                tokens,
+                metrics,
+            }),
+        }
+    }
+
+    /// Serves one client request. Never fails: errors become OpenAI-shaped responses.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let inner = &*self.inner;
+        let start = Instant::now();
+        let endpoint = Endpoint::classify(req.uri().path());
+        let access = inner.settings.access_log.then(|| {
+            Box::new(AccessInfo {
+                method: req.method().clone(),
+                request_id: req.headers().get("x-request-id").cloned(),
+                bytes_in: content_length(&req),
+                ..Default::default()
+            })
+        });
+        let mut guard = RequestGuard::new(inner.metrics.clone(), endpoint, start, access);
+        let resp = match self.forward(req, endpoint, start, &mut guard).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                headers::prepare_response(&mut parts.headers);
+                if let Some(a) = guard.access() {
+                    a.status = parts.status.as_u16();
+                    a.ttfb = Some(start.elapsed());
+                }
+                let deadline = inner.settings.request_timeout.map(|t| start + t);
+                let body =
+                    ResponseBody::upstream(body, inner.settings.idle_timeout, deadline, guard);
+                Response::from_parts(parts, body)
+            }
+            Err(err) => {
+                log_error(&err, endpoint);
+                let mut resp: Response<ResponseBody> = err.to_response();
+                if let Some(a) = guard.access() {
+                    a.status = resp.status().as_u16();
+                }
+                resp.body_mut().set_guard(guard);
+                resp
+            }
+        };
+        inner
+            .metrics
+            .requests_total
+            .with_label_values(&[endpoint.as_str(), resp.status().as_str()])
+            .inc();
+        Ok(resp)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        endpoint: Endpoint,
+        start: Instant,
+        guard: &mut RequestGuard,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let inner = &*self.inner;
+        let settings = &inner.settings;
+        // Over HTTP/2 every request carries scheme and authority; over HTTP/1 they mean a client
+        // is using us as a forward proxy.
+        let absolute_form = req.version() < Version::HTTP_2 && req.uri().authority().is_some();
+        if req.method() == Method::CONNECT || absolute_form {
+            return Err(ProxyError::NotAProxy);
+        }
+        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let rest = path::strip_prefix(path_and_query).map_err(|e| match e {
+            PathError::NotFound => ProxyError::NotFound {
+                listen: settings.listen.clone(),
+            },
+            PathError::Traversal => ProxyError::BadPath,
+        })?;
+        let declared = content_length(&req);
+        if declared.is_some_and(|len| len > settings.max_body) {
+            return Err(ProxyError::PayloadTooLarge {
+                limit: settings.max_body,
+            });
+        }
+        let token = inner
+            .tokens
+            .current(start)
+            .map_err(|u| ProxyError::NoToken {
+                retry_after_secs: u.retry_after_secs(start),
+                message: u.message,
+            })?;
+        if let Some(a) = guard.access() {
+            a.credential = Some(Arc::from(token.credential()));
+        }
+        let uri = settings
+            .target
+            .join(rest)
+            .map_err(ProxyError::BadUpstreamRequest)?;
+
+        let (mut parts, body) = req.into_parts();
+        headers::prepare_request(&mut parts.headers);
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let replayable = settings.replay_capacity > 0
+            && declared.is_none_or(|len| len <= settings.replay_capacity);
+        // Kept only to rebuild the request for a replay after a 401.
+        let saved = replayable.then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let shared = Arc::new(BodyShared::default());
+        let body = RequestBody::new(
+            body,
+            settings.max_body,
+            replayable.then_some(settings.replay_capacity),
+            Arc::clone(&shared),
+        );
+        parts.headers.insert(AUTHORIZATION, token.header().clone());
+        let req = Request::from_parts(parts, UpstreamBody::Streaming { body });
+
+        let resp = self.send(req, endpoint, start, &shared).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        inner.metrics.upstream_unauthorized_total.inc();
+        let (Some((method, uri, headers)), Some(chunks)) = (saved, shared.replayable()) else {
+            return Ok(resp);
+        };
+        let Some(fresh) = inner
+            .tokens
+            .replace_rejected(token.generation(), settings.forced_refresh_wait)
+            .await
+        else {
+            return Ok(resp);
+        };
+        drop(resp);
+        tracing::debug!(
+            endpoint = endpoint.as_str(),
+            "Replaying a request rejected with 401 using a fresh token"
+        );
+        inner.metrics.request_replays_total.inc();
+        if let Some(a) = guard.access() {
+            a.replayed = true;
+            a.credential = Some(Arc::from(fresh.credential()));
+        }
+        let mut req = Request::new(UpstreamBody::Replay {
+            body: ReplayBody::new(chunks),
+        });
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req.headers_mut()
+            .insert(AUTHORIZATION, fresh.header().clone());
+        let resp = self.send(req, endpoint, start, &shared).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            inner.metrics.upstream_unauthorized_total.inc();
+        }
+        Ok(resp)
+    }
+
+    /// Sends upstream and waits for the response headers, bounded by the idle timeout and the
+    /// request deadline.
+    async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        endpoint: Endpoint,
+        start: Instant,
+        shared: &BodyShared,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let inner = &*self.inner;
+        let settings = &inner.settings;
+        let mut wait = settings.idle_timeout;
+        if let Some(total) = settings.request_timeout {
+            wait = wait.min(total.saturating_sub(start.elapsed()));
+        }
+        match tokio::time::timeout(wait, inner.client.request(req)).await {
+            Err(_) => Err(ProxyError::Timeout(wait)),
+            Ok(Err(_)) if shared.too_large() => Err(ProxyError::PayloadTooLarge {
+                limit: settings.max_body,
+            }),
+            Ok(Err(e)) => Err(ProxyError::Unreachable(e)),
+            Ok(Ok(resp)) => {
+                inner
+                    .metrics
+                    .upstream_response(endpoint)
+                    .observe(start.elapsed().as_secs_f64());
+                Ok(resp)
+            }
+        }
+    }
+
+    /// The upstream base URI (for logs).
+    pub fn target(&self) -> &Target {
+        &self.inner.settings.target
+    }
+}
+
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn log_error(err: &ProxyError, endpoint: Endpoint) {
+    let status = err.status().as_u16();
+    match err {
+        ProxyError::Unreachable(_)
+        | ProxyError::Timeout(_)
+        | ProxyError::NoToken { .. }
+        | ProxyError::BadUpstreamRequest(_) => {
+            tracing::warn!(endpoint = endpoint.as_str(), status, error = %error_chain(err), "Request failed");
+        }
+        _ => {
+            tracing::debug!(endpoint = endpoint.as_str(), status, error = %error_chain(err), "Request refused")
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Pure path handling: which requests sidekey forwards, where to, and under which metric label.
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+
+/// The API prefix clients use: `base_url = http://127.0.0.1:8181/v1`.
+pub const API_PREFIX: &str = "/v1";
+
+/// A closed set of endpoint labels for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Models,
+    Responses,
+    Audio,
+    Images,
+    Files,
+    Other,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 9] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Models,
+        Endpoint::Responses,
+        Endpoint::Audio,
+        Endpoint::Images,
+        Endpoint::Files,
+        Endpoint::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Models => "models",
+            Endpoint::Responses => "responses",
+            Endpoint::Audio => "audio",
+            Endpoint::Images => "images",
+            Endpoint::Files => "files",
+            Endpoint::Other => "other",
+        }
+    }
+
+    /// Classifies a client path (`/v1/chat/completions`, ...).
+    pub fn classify(path: &str) -> Endpoint {
+        let Some(rest) = path
+            .strip_prefix(API_PREFIX)
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            return Endpoint::Other;
+        };
+        let first = |name: &str| {
+            rest == name || rest.starts_with(name) && rest[name.len()..].starts_with('/')
+        };
+        if first("chat/completions") {
+            Endpoint::ChatCompletions
+        } else if first("completions") {
+            Endpoint::Completions
+        } else if first("embeddings") {
+            Endpoint::Embeddings
+        } else if first("models") {
+            Endpoint::Models
+        } else if first("responses") {
+            Endpoint::Responses
+        } else if first("audio") {
+            Endpoint::Audio
+        } else if first("images") {
+            Endpoint::Images
+        } else if first("files") {
+            Endpoint::Files
+        } else {
+            Endpoint::Other
+        }
+    }
+}
+
+/// Why a path is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// Outside `/v1`.
+    NotFound,
+    /// A `.`/`..` segment, literal or percent-encoded, or an encoded slash or backslash that
+    /// could turn into one upstream.
+    Traversal,
+}
+
+/// The part of a client's path-and-query after `/v1`: `"/chat/completions?x=1"`, `"?x"` or `""`.
+pub fn strip_prefix(path_and_query: &str) -> Result<&str, PathError> {
+    let rest = path_and_query
+        .strip_prefix(API_PREFIX)
+        .ok_or(PathError::NotFound)?;
+    if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')) {
+        return Err(PathError::NotFound);
+    }
+    let path = rest.split('?').next().unwrap_or_default();
+    if escapes(path) {
+        return Err(PathError::Traversal);
+    }
+    Ok(rest)
+}
+
+/// True if any segment is a dot segment, or could become one (or a new segment) after
+/// percent-decoding upstream.
+fn escapes(path: &str) -> bool {
+    if path.contains('\\') {
+        return true;
+    }
+    path.split('/').any(|segment| {
+        if segment == "." || segment == ".." {
+            return true;
+        }
+        if !segment.contains('%') {
+            return false;
+        }
+        // Rare: only percent-encoded segments pay for the lowercase copy.
+        let lower = segment.to_ascii_lowercase();
+        if lower.contains("%2f") || lower.contains("%5c") {
+            return true;
+        }
+        let decoded = lower.replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
+/// The upstream base, split once at startup so each request only appends its path.
+#[derive(Debug, Clone)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// Base path without a trailing slash, e.g. `/v1` or `` (empty).
+    base_path: String,
+}
+
+impl Target {
+    /// From a validated absolute URL (`https://host/v1`, trailing `/` tolerated).
+    pub fn new(base: &Uri) -> Option<Self> {
+        Some(Self {
+            scheme: base.scheme()?.clone(),
+            authority: base.authority()?.clone(),
+            base_path: base.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// `{base}{rest}` where `rest` comes from [`strip_prefix`].
+    pub fn join(&self, rest: &str) -> Result<Uri, http::Error> {
+        let mut pq = String::with_capacity(self.base_path.len() + rest.len() + 1);
+        pq.push_str(&self.base_path);
+        if pq.is_empty() && !rest.starts_with('/') {
+            pq.push('/');
+        }
+        pq.push_str(rest);
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))?);
+        Ok(Uri::from_parts(parts)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(s: &str) -> Target {
+        Target::new(&s.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn maps_paths_and_queries() {
+        let t = target("https://api.example/v1");
+        let cases = [
+            (
+                "/v1/chat/completions",
+                "https://api.example/v1/chat/completions",
+            ),
+            (
+                "/v1/models?limit=2&after=x",
+                "https://api.example/v1/models?limit=2&after=x",
+            ),
+            (
+                "/v1/models/GigaChat/GigaChat-2-Max",
+                "https://api.example/v1/models/GigaChat/GigaChat-2-Max",
+            ),
+            ("/v1", "https://api.example/v1"),
+            ("/v1?x=1", "https://api.example/v1?x=1"),
+        ];
+        for (path, want) in cases {
+            let rest = strip_prefix(path).unwrap();
+            assert_eq!(t.join(rest).unwrap().to_string(), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn trailing_slash_and_empty_base_path() {
+        let t = target("http://127.0.0.1:9/api/gigacube/openai/v1/");
+        assert_eq!(
+            t.join("/embeddings").unwrap().to_string(),
+            "http://127.0.0.1:9/api/gigacube/openai/v1/embeddings"
+        );
+        let t = target("http://127.0.0.1:9");
+        assert_eq!(
+            t.join("/models").unwrap().to_string(),
+            "http://127.0.0.1:9/models"
+        );
+        assert_eq!(t.join("").unwrap().to_string(), "http://127.0.0.1:9/");
+        assert_eq!(t.join("?a").unwrap().to_string(), "http://127.0.0.1:9/?a");
+    }
+
+    #[test]
+    fn outside_v1_is_not_found() {
+        for p in [
+            "/",
+            "/v2/models",
+            "/v1x/models",
+            "/chat/completions",
+            "/metrics",
+        ] {
+            assert_eq!(strip_prefix(p), Err(PathError::NotFound), "{p}");
+        }
+    }
+
+    #[test]
+    fn traversal_is_refused() {
+        for p in [
+            "/v1/../x",
+            "/v1/./models",
+            "/v1/%2e%2e/x",
+            "/v1/%2E%2e/x",
+            "/v1/.%2e/x",
+            "/v1/models/..",
+            "/v1/..%2fadmin",
+            "/v1/a%2Fb",
+            "/v1/a\\..\\b",
+            "/v1/a%5c..",
+        ] {
+            assert_eq!(strip_prefix(p), Err(PathError::Traversal), "{p}");
+        }
+        // dots inside names and in the query are fine
+        assert!(strip_prefix("/v1/models/gpt-4.1").is_ok());
+        assert!(strip_prefix("/v1/files/a..b").is_ok());
+        assert!(strip_prefix("/v1/models?next=../x").is_ok());
+    }
+
+    #[test]
+    fn endpoints_are_classified() {
+        use Endpoint::*;
+        let cases = [
+            ("/v1/chat/completions", ChatCompletions),
+            ("/v1/completions", Completions),
+            ("/v1/embeddings", Embeddings),
+            ("/v1/models", Models),
+            ("/v1/models/GigaChat/GigaChat-2-Max", Models),
+            ("/v1/responses/abc", Responses),
+            ("/v1/audio/transcriptions", Audio),
+            ("/v1/images/generations", Images),
+            ("/v1/files", Files),
+            ("/v1/modelsx", Other),
+            ("/v1/batches", Other),
+            ("/healthz", Other),
+        ];
+        for (path, want) in cases {
+            assert_eq!(Endpoint::classify(path), want, "{path}");
+        }
+        for (i, e) in Endpoint::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Where a credential's key id and secret come from: inline config, or files that are re-read on
+//! every fetch (so a rotated Kubernetes Secret takes effect without a restart).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::CredentialConfig;
+use crate::secret::Secret;
+
+/// A key id and secret, read and ready to send.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub key_id: Secret,
+    pub secret: Secret,
+}
+
+impl Credentials {
+    /// A fingerprint of the values, to notice a rotation without keeping a second copy around.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.key_id.expose().hash(&mut h);
+        self.secret.expose().hash(&mut h);
+        h.finish()
+    }
+}
+
+/// Reading a credential failed. Never carries the value.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is empty", .0.display())]
+    Empty(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+enum Value {
+    Inline(Secret),
+    File(PathBuf),
+}
+
+impl Value {
+    async fn read(&self) -> Result<Secret, CredentialError> {
+        match self {
+            Value::Inline(s) => Ok(s.clone()),
+            Value::File(path) => {
+                let raw = tokio::fs::read_to_string(path).await.map_err(|source| {
+                    CredentialError::Read {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                let trimmed = raw.trim();
+                if trimmed.is_empty() {
+                    return Err(CredentialError::Empty(path.clone()));
+                }
+                Ok(Secret::new(trimmed))
+            }
+        }
+    }
+
+    fn is_file(&self) -> bool {
+        matches!(self, Value::File(_))
+    }
+}
+
+/// One configured credential.
+#[derive(Debug, Clone)]
+pub struct CredentialSource {
+    name: Arc<str>,
+    key_id: Value,
+    secret: Value,
+}
+
+impl CredentialSource {
+    /// From a validated config entry.
+    pub fn from_config(c: &CredentialConfig) -> Self {
+        let value = |inline: &Option<Secret>, file: &Option<PathBuf>| match (inline, file) {
+            (Some(s), _) => Value::Inline(s.clone()),
+            (None, Some(p)) => Value::File(p.clone()),
+            (None, None) => Value::Inline(Secret::default()),
+        };
+        Self {
+            name: Arc::from(c.name.as_str()),
+            key_id: value(&c.key_id, &c.key_id_file),
+            secret: value(&c.secret, &c.secret_file),
+        }
+    }
+
+    /// An inline credential (tests, `sidekey dev`).
+    pub fn inline(name: &str, key_id: &str, secret: &str) -> Self {
+        Self {
+            name: Arc::from(name),
+            key_id: Value::Inline(Secret::new(key_id)),
+            secret: Value::Inline(Secret::new(secret)),
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// True if any part comes from a file (and so can change).
+    pub fn uses_files(&self) -> bool {
+        self.key_id.is_file() || self.secret.is_file()
+    }
+
+    /// Reads the current values (files anew, trimmed).
+    pub async fn read(&self) -> Result<Credentials, CredentialError> {
+        Ok(Credentials {
+            key_id: self.key_id.read().await?,
+            secret: self.secret.read().await?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn files_are_trimmed_and_reread() {
+        let dir = std::env::temp_dir().join(format!("sidekey-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (k, s) = (dir.join("key_id"), dir.join("secret"));
+        std::fs::write(&k, "kid-1\n").unwrap();
+        std::fs::write(&s, "sec-1\r\n").unwrap();
+        let src = CredentialSource::from_config(&CredentialConfig {
+            name: "primary".into(),
+            key_id_file: Some(k.clone()),
+            secret_file: Some(s.clone()),
+            ..Default::default()
+        });
+        assert!(src.uses_files());
+        let first = src.read().await.unwrap();
+        assert_eq!(first.key_id.expose(), "kid-1");
+        assert_eq!(first.secret.expose(), "sec-1");
+        std::fs::write(&s, "sec-2\n").unwrap();
+        let second = src.read().await.unwrap();
+        assert_eq!(second.secret.expose(), "sec-2");
+        assert_ne!(first.fingerprint(), second.fingerprint());
+        std::fs::write(&s, "\n").unwrap();
+        assert!(matches!(src.read().await, Err(CredentialError::Empty(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,380 @@
+//! The Cloud.ru IAM token exchange: `POST {token_url}` with `{"keyId", "secret"}`, read
+//! `access_token` and `expires_in`, and classify every way it can fail.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+
+use super::credential::{CredentialError, Credentials};
+use super::failover::Outcome;
+use crate::client::Connector;
+use crate::secret::Secret;
+
+/// Lifetime assumed when the response has no `expires_in` (what the SDKs assume).
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// Longer lifetimes are clamped, so a bogus value cannot park the refresher for years.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Largest token response read.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// How much of an error body is kept for the log.
+const ERROR_BODY_CHARS: usize = 200;
+
+/// A freshly issued token.
+#[derive(Debug)]
+pub struct Fetched {
+    pub access_token: Secret,
+    pub expires_in: Duration,
+}
+
+/// Something that exchanges credentials for a token. The refresher is generic over it, so the
+/// schedule can be tested on paused time without sockets.
+pub trait Fetcher: Send + Sync + 'static {
+    fn fetch(&self, creds: Credentials)
+        -> impl Future<Output = Result<Fetched, FetchError>> + Send;
+}
+
+/// Why a token response body is unusable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResponseError {
+    #[error("not a JSON object")]
+    NotJson,
+    #[error("no access_token")]
+    MissingToken,
+    #[error("empty access_token")]
+    EmptyToken,
+    #[error("access_token is not a string of visible ASCII characters")]
+    InvalidToken,
+    #[error("expires_in must be a positive number of seconds, got {0}")]
+    BadExpiresIn(&'static str),
+}
+
+/// A failed fetch. Messages never contain the key id, secret or token.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("rejected by the token endpoint ({status}): {body}")]
+    Rejected { status: StatusCode, body: String },
+    #[error("token endpoint answered {status}: {body}")]
+    Status {
+        status: StatusCode,
+        body: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("token endpoint unreachable")]
+    Unreachable(#[source] hyper_util::client::legacy::Error),
+    #[error("token endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("reading the token response failed")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("bad token response: {0}")]
+    BadResponse(#[from] ResponseError),
+    #[error("credential unavailable")]
+    Credential(#[from] CredentialError),
+    #[error("the token fetch panicked")]
+    Panicked,
+}
+
+impl FetchError {
+    /// Rejected credentials fail over at once; everything else is worth retrying.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            FetchError::Rejected { .. } | FetchError::Credential(_) => Outcome::Rejected,
+            _ => Outcome::Transient,
+        }
+    }
+
+    /// The server's `Retry-After`, if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FetchError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A few words for 503 bodies and `/readyz`, e.g. "rejected by IAM (401)".
+    pub fn summary(&self) -> String {
+        match self {
+            FetchError::Rejected { status, .. } => format!("rejected by IAM ({})", status.as_u16()),
+            FetchError::Status { status, .. } => format!("IAM answered {}", status.as_u16()),
+            FetchError::Unreachable(_) => "IAM unreachable".into(),
+            FetchError::Timeout(_) => "IAM timed out".into(),
+            FetchError::Body(_) => "IAM response cut off".into(),
+            FetchError::BadResponse(e) => format!("bad IAM response ({e})"),
+            FetchError::Credential(_) => "credential file unreadable".into(),
+            FetchError::Panicked => "token fetch panicked".into(),
+        }
+    }
+}
+
+/// The Cloud.ru IAM client.
+#[derive(Debug, Clone)]
+pub struct IamClient {
+    client: Client<Connector, Full<Bytes>>,
+    url: Uri,
+    timeout: Duration,
+    user_agent: HeaderValue,
+}
+
+impl IamClient {
+    pub fn new(client: Client<Connector, Full<Bytes>>, url: Uri, timeout: Duration) -> Self {
+        let user_agent = HeaderValue::from_static(concat!("sidekey/", env!("CARGO_PKG_VERSION")));
+        Self {
+            client,
+            url,
+            timeout,
+            user_agent,
+        }
+    }
+
+    async fn exchange(&self, creds: &Credentials) -> Result<Fetched, FetchError> {
+        let body =
+            serde_json::json!({ "keyId": creds.key_id.expose(), "secret": creds.secret.expose() });
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "application/json")
+            .header(USER_AGENT, self.user_agent.clone())
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("static request parts are valid");
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(FetchError::Unreachable)?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(FetchError::Body)?
+            .to_bytes();
+        if status.is_success() {
+            return Ok(parse_token_response(&bytes)?);
+        }
+        let body = sanitize_body(&bytes, creds);
+        match status.as_u16() {
+            400 | 401 | 403 => Err(FetchError::Rejected { status, body }),
+            _ => Err(FetchError::Status {
+                status,
+                body,
+                retry_after,
+            }),
+        }
+    }
+}
+
+impl Fetcher for IamClient {
+    async fn fetch(&self, creds: Credentials) -> Result<Fetched, FetchError> {
+        match tokio::time::timeout(self.timeout, self.exchange(&creds)).await {
+            Ok(result) => result,
+            Err(_) => Err(FetchError::Timeout(self.timeout)),
+        }
+    }
+}
+
+/// Reads `access_token` (required, non-empty, header-safe) and `expires_in` (seconds, default
+/// 3600, clamped to a day); ignores every other field.
+pub fn parse_token_response(bytes: &[u8]) -> Result<Fetched, ResponseError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|_| ResponseError::NotJson)?;
+    let obj = value.as_object().ok_or(ResponseError::NotJson)?;
+    let token = match obj.get("access_token") {
+        None | Some(serde_json::Value::Null) => return Err(ResponseError::MissingToken),
+        Some(serde_json::Value::String(s)) if s.is_empty() => {
+            return Err(ResponseError::EmptyToken)
+        }
+        Some(serde_json::Value::String(s)) => s,
+        Some(_) => return Err(ResponseError::InvalidToken),
+    };
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ResponseError::InvalidToken);
+    }
+    let expires_in = match obj.get("expires_in") {
+        None | Some(serde_json::Value::Null) => DEFAULT_LIFETIME,
+        Some(serde_json::Value::Number(n)) => {
+            let secs = n
+                .as_f64()
+                .ok_or(ResponseError::BadExpiresIn("not a number"))?;
+            if !secs.is_finite() || secs < 0.0 {
+                return Err(ResponseError::BadExpiresIn("a negative number"));
+            }
+            if secs < 1.0 {
+                return Err(ResponseError::BadExpiresIn("less than one second"));
+            }
+            if secs >= MAX_LIFETIME.as_secs_f64() {
+                MAX_LIFETIME
+            } else {
+                Duration::from_secs_f64(secs)
+            }
+        }
+        Some(_) => return Err(ResponseError::BadExpiresIn("not a number")),
+    };
+    Ok(Fetched {
+        access_token: Secret::new(token.as_str()),
+        expires_in,
+    })
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let s = value.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// A short, single-line copy of an error body without the credential or anything token-like.
+pub fn sanitize_body(bytes: &[u8], creds: &Credentials) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut text: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    for needle in [creds.secret.expose(), creds.key_id.expose()] {
+        if !needle.is_empty() {
+            text = text.replace(needle, crate::secret::REDACTED);
+        }
+    }
+    // Anything long and unbroken (a JWT, a hex key) is redacted too.
+    let words: Vec<String> = text
+        .split(' ')
+        .map(|w| {
+            let run = w.split(|c: char| !(c.is_ascii_alphanumeric() || "._-+/=".contains(c)));
+            if run.clone().any(|r| r.len() >= 40) {
+                crate::secret::REDACTED.to_string()
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    let joined = words.join(" ");
+    let trimmed = joined.trim();
+    if trimmed.is_empty() {
+        return "(empty body)".into();
+    }
+    match trimmed.char_indices().nth(ERROR_BODY_CHARS) {
+        Some((i, _)) => format!("{}…", &trimmed[..i]),
+        None => trimmed.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_response() {
+        let f = parse_token_response(
+            br#"{"access_token":"eyJ.a.b","id_token":"x","refresh_token":"","expires_in":3600,
+                "refresh_expires_in":0,"scopes":["openid"],"token_type":"Bearer","not_before":0}"#,
+        )
+        .unwrap();
+        assert_eq!(f.access_token.expose(), "eyJ.a.b");
+        assert_eq!(f.expires_in, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn expires_in_defaults_and_clamps() {
+        let f = parse_token_response(br#"{"access_token":"t"}"#).unwrap();
+        assert_eq!(f.expires_in, DEFAULT_LIFETIME);
+        let f = parse_token_response(br#"{"access_token":"t","expires_in":1e300}"#).unwrap();
+        assert_eq!(f.expires_in, MAX_LIFETIME);
+        let f = parse_token_response(br#"{"access_token":"t","expires_in":1.5}"#).unwrap();
+        assert_eq!(f.expires_in, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        use ResponseError::*;
+        let cases: &[(&[u8], ResponseError)] = &[
+            (b"<html>oops</html>", NotJson),
+            (b"[1,2]", NotJson),
+            (b"{}", MissingToken),
+            (br#"{"access_token":null}"#, MissingToken),
+            (br#"{"access_token":""}"#, EmptyToken),
+            (br#"{"access_token":42}"#, InvalidToken),
+            (br#"{"access_token":"a b"}"#, InvalidToken),
+            (b"{\"access_token\":\"a\\nb\"}", InvalidToken),
+            (
+                br#"{"access_token":"t","expires_in":0}"#,
+                BadExpiresIn("less than one second"),
+            ),
+            (
+                br#"{"access_token":"t","expires_in":-5}"#,
+                BadExpiresIn("a negative number"),
+            ),
+            (
+                br#"{"access_token":"t","expires_in":"3600"}"#,
+                BadExpiresIn("not a number"),
+            ),
+        ];
+        for (body, want) in cases {
+            let got = parse_token_response(body).unwrap_err();
+            assert_eq!(&got, want, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("7"), now),
+            Some(Duration::from_secs(7))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_str(&date).unwrap(), now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("soon"), now),
+            None
+        );
+    }
+
+    #[test]
+    fn error_bodies_lose_secrets_and_token_like_runs() {
+        let creds = Credentials {
+            key_id: Secret::new("KID-123"),
+            secret: Secret::new("S3CR3T"),
+        };
+        let jwt = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig";
+        let body = format!("{{\"error\":\"bad key KID-123 / S3CR3T\",\n\"hint\":\"{jwt}\"}}");
+        let out = sanitize_body(body.as_bytes(), &creds);
+        assert!(!out.contains("KID-123") && !out.contains("S3CR3T") && !out.contains("eyJhbGci"));
+        assert!(!out.contains('\n'));
+        let long = "x ".repeat(500);
+        assert!(sanitize_body(long.as_bytes(), &creds).chars().count() <= ERROR_BODY_CHARS + 1);
+    }
+
+    #[test]
+    fn classification() {
+        let rejected = FetchError::Rejected {
+            status: StatusCode::UNAUTHORIZED,
+            body: String::new(),
+        };
+        assert_eq!(rejected.outcome(), Outcome::Rejected);
+        assert_eq!(rejected.summary(), "rejected by IAM (401)");
+        let busy = FetchError::Status {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            body: String::new(),
+            retry_after: Some(Duration::from_secs(3)),
+        };
+        assert_eq!(busy.outcome(), Outcome::Transient);
+        assert_eq!(busy.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(
+            FetchError::BadResponse(ResponseError::EmptyToken).outcome(),
+            Outcome::Transient
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! Pure schedule arithmetic: when to refresh a token, and how long to back off after a failure.
+//! Randomness is passed in (`jitter` in `[0, 1)`), so every case is a plain unit test.
+
+use std::time::Duration;
+
+/// How long after a token was requested to start refreshing it.
+///
+/// The lead time is `refresh_before`, but at most half the token's lifetime, so a short-lived
+/// token is refreshed at the latest at half its life. Up to a tenth of the lead is taken off at
+/// random, so a fleet of sidecars does not refresh in lockstep.
+pub fn refresh_after(lifetime: Duration, refresh_before: Duration, jitter: f64) -> Duration {
+    let lead = refresh_before.min(lifetime / 2);
+    let spread = lead.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
+    lifetime.saturating_sub(lead).saturating_sub(spread)
+}
+
+/// Delay before retry number `attempt` (1 for the first retry): `initial` doubling up to `max`,
+/// with "equal jitter" (between half and all of the step), never below a server's `Retry-After`.
+pub fn backoff(
+    attempt: u32,
+    initial: Duration,
+    max: Duration,
+    jitter: f64,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let exp = attempt.saturating_sub(1).min(32);
+    let step = initial.saturating_mul(1u32 << exp.min(31)).min(max);
+    let delay = step / 2 + (step / 2).mul_f64(jitter.clamp(0.0, 1.0));
+    match retry_after {
+        // A server's request is honoured, within reason: never more than ten minutes.
+        Some(ra) => delay.max(ra.min(Duration::from_secs(600))),
+        None => delay,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn one_hour_token_refreshes_five_minutes_early() {
+        assert_eq!(refresh_after(S(3600), S(300), 0.0), S(3300));
+        // jitter takes off at most a tenth of the lead
+        assert_eq!(refresh_after(S(3600), S(300), 1.0), S(3270));
+    }
+
+    #[test]
+    fn short_token_refreshes_at_half_life() {
+        assert_eq!(refresh_after(S(60), S(300), 0.0), S(30));
+        assert_eq!(refresh_after(S(4), S(300), 0.0), S(2));
+    }
+
+    #[test]
+    fn zero_lifetime_refreshes_at_once() {
+        assert_eq!(refresh_after(Duration::ZERO, S(300), 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let i = S(1);
+        let m = S(30);
+        assert_eq!(backoff(1, i, m, 1.0, None), S(1));
+        assert_eq!(backoff(2, i, m, 1.0, None), S(2));
+        assert_eq!(backoff(3, i, m, 1.0, None), S(4));
+        assert_eq!(backoff(6, i, m, 1.0, None), S(30));
+        assert_eq!(backoff(100, i, m, 1.0, None), S(30));
+        assert_eq!(backoff(1, i, m, 0.0, None), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn backoff_honours_retry_after_within_reason() {
+        assert_eq!(backoff(1, S(1), S(30), 0.0, Some(S(7))), S(7));
+        assert_eq!(backoff(6, S(1), S(30), 1.0, Some(S(2))), S(30));
+        assert_eq!(backoff(1, S(1), S(30), 0.0, Some(S(86_400))), S(600));
+    }
+}
