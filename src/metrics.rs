@@ -182,6 +182,7 @@ impl Metrics {
 
         for name in credentials {
             active_credential.with_label_values(&[name]).set(0);
+            token_refresh_duration_seconds.with_label_values(&[name]);
             for result in ["success", "failure"] {
                 token_refresh_total.with_label_values(&[name.as_str(), result]);
             }

@@ -83,14 +83,15 @@ mod tests {
             ("content-type", "application/json"),
         ]);
         prepare_request(&mut h);
-        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
         assert_eq!(
             names,
             [
-                "x-stainless-lang",
+                "content-type",
                 "openai-organization",
                 "x-request-id",
-                "content-type"
+                "x-stainless-lang"
             ]
         );
     }

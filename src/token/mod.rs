@@ -86,6 +86,9 @@ impl fmt::Debug for Token {
     }
 }
 
+/// The status before any fetch has finished.
+pub const FIRST_FETCH: &str = "no valid token yet: the first fetch is in progress";
+
 /// Why there is no usable token, for 503 bodies and `/readyz`.
 #[derive(Debug, Clone)]
 pub struct Unavailable {
@@ -142,7 +145,7 @@ impl Default for TokenStore {
 impl TokenStore {
     pub fn new() -> Self {
         let status = Unavailable {
-            message: "no valid token yet: the first fetch is in progress".into(),
+            message: FIRST_FETCH.into(),
             next_attempt: Instant::now(),
         };
         Self {
@@ -162,10 +165,10 @@ impl TokenStore {
             Some(token) if token.is_usable(now) => Ok(token),
             Some(_) => {
                 let status = self.inner.status.load();
-                let message = if status.message.starts_with("no valid token") {
-                    status.message.clone()
+                let message = if status.message.starts_with(FIRST_FETCH) {
+                    "no valid token: the token expired and a refresh is in progress".to_string()
                 } else {
-                    format!("no valid token: the last token expired; {}", status.message)
+                    status.message.clone()
                 };
                 Err(Unavailable {
                     message,

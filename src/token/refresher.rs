@@ -398,7 +398,7 @@ impl<F: Fetcher> Refresher<F> {
             })
             .collect();
         if parts.is_empty() {
-            "no valid token yet: the first fetch is in progress".into()
+            super::FIRST_FETCH.into()
         } else {
             format!("no valid token: {}", parts.join(", "))
         }
