@@ -110,7 +110,11 @@ impl Unavailable {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Published {
     pub generation: u64,
+    /// The generation the last handled forced-refresh request was about.
     pub settled: u64,
+    /// How many forced-refresh requests have been handled, so a waiter only trusts one handled
+    /// after it asked.
+    pub settles: u64,
 }
 
 /// Cheap-to-clone handle on the current token, shared by the proxy and the refresher.
@@ -209,9 +213,10 @@ impl TokenStore {
 
     /// Marks forced-refresh requests up to `generation` as handled (refresher only).
     pub fn settle(&self, generation: u64) {
-        self.inner
-            .published
-            .send_modify(|p| p.settled = p.settled.max(generation));
+        self.inner.published.send_modify(|p| {
+            p.settled = generation;
+            p.settles += 1;
+        });
     }
 
     /// The newest generation a request asked to replace (refresher only).
@@ -235,6 +240,7 @@ impl TokenStore {
                 .filter(|t| t.generation > rejected)
         };
         let mut rx = self.inner.published.subscribe();
+        let asked_at = rx.borrow_and_update().settles;
         if let Some(token) = newer(self) {
             return Some(token);
         }
@@ -244,7 +250,9 @@ impl TokenStore {
         self.inner.force.notify_one();
         let _ = tokio::time::timeout(
             wait,
-            rx.wait_for(|p| p.generation > rejected || p.settled >= rejected),
+            rx.wait_for(|p| {
+                p.generation > rejected || (p.settles > asked_at && p.settled >= rejected)
+            }),
         )
         .await;
         newer(self)

@@ -421,3 +421,364 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    //! The schedule on paused time, with an in-memory fetcher (no sockets, so time can jump).
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+
+    use http::StatusCode;
+
+    use super::*;
+    use crate::token::credential::Credentials;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Issue(u64),
+        Reject,
+        Unavailable(Option<u64>),
+        Panic,
+    }
+
+    #[derive(Default)]
+    struct Inner {
+        queued: HashMap<String, VecDeque<Step>>,
+        fallback: HashMap<String, Step>,
+        calls: Vec<(String, Instant)>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Script(Arc<Mutex<Inner>>);
+
+    impl Script {
+        fn queue(&self, key: &str, steps: &[Step]) {
+            self.0
+                .lock()
+                .unwrap()
+                .queued
+                .entry(key.into())
+                .or_default()
+                .extend(steps.iter().cloned());
+        }
+        fn otherwise(&self, key: &str, step: Step) {
+            self.0.lock().unwrap().fallback.insert(key.into(), step);
+        }
+        fn calls(&self) -> Vec<(String, Instant)> {
+            self.0.lock().unwrap().calls.clone()
+        }
+        fn count(&self, key: &str) -> usize {
+            self.calls().iter().filter(|(k, _)| k == key).count()
+        }
+    }
+
+    impl Fetcher for Script {
+        async fn fetch(&self, creds: Credentials) -> Result<Fetched, FetchError> {
+            let key = creds.key_id.expose().to_string();
+            let step = {
+                let mut s = self.0.lock().unwrap();
+                s.calls.push((key.clone(), Instant::now()));
+                let queued = s.queued.get_mut(&key).and_then(VecDeque::pop_front);
+                queued
+                    .or_else(|| s.fallback.get(&key).cloned())
+                    .unwrap_or(Step::Issue(3600))
+            };
+            match step {
+                Step::Issue(secs) => Ok(Fetched {
+                    access_token: format!("token-{key}-{}", fastrand::u32(..)).into(),
+                    expires_in: Duration::from_secs(secs),
+                }),
+                Step::Reject => Err(FetchError::Rejected {
+                    status: StatusCode::UNAUTHORIZED,
+                    body: "no".into(),
+                }),
+                Step::Unavailable(retry_after) => Err(FetchError::Status {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    body: "busy".into(),
+                    retry_after: retry_after.map(Duration::from_secs),
+                }),
+                Step::Panic => panic!("scripted panic in fetch"),
+            }
+        }
+    }
+
+    fn settings() -> RefreshSettings {
+        RefreshSettings {
+            refresh_before: Duration::from_secs(300),
+            expiry_margin: Duration::from_secs(5),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            failover_after_failures: 3,
+            failback_after: Duration::from_secs(300),
+            min_forced_interval: Duration::from_secs(10),
+            credential_poll: Duration::from_secs(10),
+        }
+    }
+
+    struct Running {
+        script: Script,
+        store: TokenStore,
+        metrics: Metrics,
+        start: Instant,
+        _cancel: tokio_util::sync::DropGuard,
+    }
+
+    fn start(names: &[&str]) -> Running {
+        let script = Script::default();
+        let store = TokenStore::new();
+        let owned: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let metrics = Metrics::new(&owned);
+        let creds = names
+            .iter()
+            .map(|n| CredentialSource::inline(n, n, "secret"))
+            .collect();
+        let refresher = Refresher::new(
+            script.clone(),
+            store.clone(),
+            creds,
+            settings(),
+            metrics.clone(),
+        );
+        let cancel = CancellationToken::new();
+        tokio::spawn(refresher.run(cancel.clone(), Arc::new(AtomicBool::new(false))));
+        Running {
+            script,
+            store,
+            metrics,
+            start: Instant::now(),
+            _cancel: cancel.drop_guard(),
+        }
+    }
+
+    async fn at(r: &Running, secs: f64) {
+        tokio::time::sleep_until(r.start + Duration::from_secs_f64(secs)).await;
+    }
+
+    fn offsets(r: &Running) -> Vec<f64> {
+        r.script
+            .calls()
+            .iter()
+            .map(|(_, t)| t.duration_since(r.start).as_secs_f64())
+            .collect()
+    }
+
+    fn credential(r: &Running) -> String {
+        r.store
+            .latest()
+            .map(|t| t.credential().to_string())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fetches_at_once_then_ahead_of_expiry() {
+        let r = start(&["primary"]);
+        at(&r, 1.0).await;
+        assert_eq!(r.script.calls().len(), 1);
+        assert!(r.store.has_usable(Instant::now()));
+        // 3600 s tokens are refreshed 300 s early, minus up to 30 s of jitter.
+        at(&r, 3269.0).await;
+        assert_eq!(r.script.calls().len(), 1);
+        at(&r, 3301.0).await;
+        assert_eq!(r.script.calls().len(), 2);
+        at(&r, 3301.0 + 3301.0).await;
+        assert_eq!(r.script.calls().len(), 3);
+        assert_eq!(
+            r.metrics
+                .token_refresh_total
+                .with_label_values(&["primary", "success"])
+                .get(),
+            3
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_tokens_refresh_at_half_life() {
+        let r = start(&["primary"]);
+        r.script.otherwise("primary", Step::Issue(4));
+        at(&r, 10.5).await;
+        // every ~2 s (minus jitter of up to 0.2 s): at 0, ~2, ~4, ~6, ~8, ~10
+        let n = r.script.calls().len();
+        assert!((6..=7).contains(&n), "{n} fetches: {:?}", offsets(&r));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_with_jitter_and_recover() {
+        let r = start(&["primary"]);
+        r.script.queue(
+            "primary",
+            &[
+                Step::Unavailable(None),
+                Step::Unavailable(None),
+                Step::Unavailable(None),
+            ],
+        );
+        at(&r, 20.0).await;
+        let t = offsets(&r);
+        assert_eq!(t.len(), 4, "{t:?}");
+        let gaps: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
+        for (gap, (lo, hi)) in gaps.iter().zip([(0.5, 1.0), (1.0, 2.0), (2.0, 4.0)]) {
+            assert!(*gap >= lo - 0.01 && *gap <= hi + 0.01, "gaps {gaps:?}");
+        }
+        assert!(r.store.has_usable(Instant::now()));
+        // back on the normal schedule: nothing more until ~3300 s after the success
+        at(&r, t[3] + 3200.0).await;
+        assert_eq!(r.script.calls().len(), 4);
+        assert_eq!(
+            r.metrics
+                .token_refresh_total
+                .with_label_values(&["primary", "failure"])
+                .get(),
+            3
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured() {
+        let r = start(&["primary"]);
+        r.script.queue("primary", &[Step::Unavailable(Some(20))]);
+        at(&r, 19.5).await;
+        assert_eq!(r.script.calls().len(), 1);
+        at(&r, 20.5).await;
+        assert_eq!(r.script.calls().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_primary_fails_over_at_once_and_fails_back() {
+        let r = start(&["primary", "backup"]);
+        r.script.queue("primary", &[Step::Reject]);
+        at(&r, 1.0).await;
+        assert_eq!(r.script.count("primary"), 1);
+        assert_eq!(r.script.count("backup"), 1);
+        assert_eq!(credential(&r), "backup");
+        let failovers = &r.metrics.credential_failovers_total;
+        assert_eq!(failovers.with_label_values(&["primary", "backup"]).get(), 1);
+        assert_eq!(
+            r.metrics
+                .active_credential
+                .with_label_values(&["backup"])
+                .get(),
+            1
+        );
+        // the primary is probed after failback_after (300 s) and works again
+        at(&r, 299.0).await;
+        assert_eq!(r.script.count("primary"), 1);
+        at(&r, 301.0).await;
+        assert_eq!(r.script.count("primary"), 2);
+        assert_eq!(credential(&r), "primary");
+        assert_eq!(failovers.with_label_values(&["backup", "primary"]).get(), 1);
+        assert_eq!(
+            r.metrics
+                .active_credential
+                .with_label_values(&["primary"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_probes_keep_the_backup_serving() {
+        let r = start(&["primary", "backup"]);
+        r.script.otherwise("primary", Step::Reject);
+        at(&r, 1000.0).await;
+        // probes at 0 (the first fetch), 300, 600, 900
+        assert_eq!(r.script.count("primary"), 4, "{:?}", r.script.calls());
+        assert_eq!(r.script.count("backup"), 1);
+        assert_eq!(credential(&r), "backup");
+        assert!(r.store.has_usable(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_fail_over_at_the_threshold() {
+        let r = start(&["primary", "backup"]);
+        r.script.otherwise("primary", Step::Unavailable(None));
+        at(&r, 10.0).await;
+        assert_eq!(r.script.count("primary"), 3);
+        assert_eq!(r.script.count("backup"), 1);
+        assert_eq!(credential(&r), "backup");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_rejected_reports_each_reason() {
+        let r = start(&["primary", "backup"]);
+        r.script.otherwise("primary", Step::Reject);
+        r.script.otherwise("backup", Step::Unavailable(None));
+        at(&r, 30.0).await;
+        let err = r.store.current(Instant::now()).unwrap_err();
+        assert!(
+            err.message
+                .contains("credential 'primary' rejected by IAM (401)"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.contains("credential 'backup' IAM answered 503"),
+            "{}",
+            err.message
+        );
+        assert!(err.next_attempt > Instant::now());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_is_never_used_past_the_margin() {
+        let r = start(&["primary"]);
+        r.script.queue("primary", &[Step::Issue(60)]);
+        r.script.otherwise("primary", Step::Unavailable(None));
+        at(&r, 54.9).await;
+        assert!(r.store.has_usable(Instant::now()));
+        at(&r, 55.0).await;
+        assert!(r.store.current(Instant::now()).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_refresh_is_shared_and_rate_limited() {
+        let r = start(&["primary"]);
+        at(&r, 1.0).await;
+        let first = r.store.latest().unwrap().generation();
+        let waiters: Vec<_> = (0..200)
+            .map(|_| {
+                let store = r.store.clone();
+                tokio::spawn(
+                    async move { store.replace_rejected(first, Duration::from_secs(10)).await },
+                )
+            })
+            .collect();
+        for w in waiters {
+            assert_eq!(
+                w.await.unwrap().expect("a fresh token").generation(),
+                first + 1
+            );
+        }
+        assert_eq!(
+            r.script.calls().len(),
+            2,
+            "200 rejections, one forced refresh"
+        );
+        assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
+        // A second rejection within min_forced_interval is refused, not waited out.
+        let before = Instant::now();
+        assert!(r
+            .store
+            .replace_rejected(first + 1, Duration::from_secs(10))
+            .await
+            .is_none());
+        assert!(before.elapsed() < Duration::from_secs(1));
+        assert_eq!(r.script.calls().len(), 2);
+        at(&r, 12.0).await;
+        assert!(r
+            .store
+            .replace_rejected(first + 1, Duration::from_secs(10))
+            .await
+            .is_some());
+        assert_eq!(r.script.calls().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_fetch_is_caught_and_retried() {
+        let r = start(&["primary"]);
+        r.script.queue("primary", &[Step::Panic]);
+        at(&r, 5.0).await;
+        assert_eq!(r.script.calls().len(), 2);
+        assert_eq!(r.metrics.refresher_panics_total.get(), 1);
+        assert!(r.store.has_usable(Instant::now()));
+    }
+}
