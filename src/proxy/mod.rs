@@ -196,6 +196,9 @@ impl Proxy {
         }
         inner.metrics.upstream_unauthorized_total.inc();
         let (Some((method, uri, headers)), Some(chunks)) = (saved, shared.replayable()) else {
+            // Not replayable (too large, or still streaming): pass the 401 through, but get the
+            // next request a fresh token.
+            inner.tokens.report_rejected(token.generation());
             return Ok(resp);
         };
         let Some(fresh) = inner

@@ -229,6 +229,16 @@ impl TokenStore {
         self.inner.force.notified().await
     }
 
+    /// Tells the refresher that upstream rejected generation `rejected`, without waiting.
+    pub fn report_rejected(&self, rejected: u64) {
+        if self.latest().is_some_and(|t| t.generation == rejected) {
+            self.inner
+                .force_requested
+                .fetch_max(rejected, Ordering::AcqRel);
+            self.inner.force.notify_one();
+        }
+    }
+
     /// Called by a request whose token `rejected` was answered 401 upstream. Asks the refresher
     /// for a new token (all concurrent callers share one refresh), waits at most `wait`, and
     /// returns a usable token newer than `rejected`, if one arrived.
