@@ -190,8 +190,11 @@ impl App {
             refresher,
         } = self;
         let s = &config.server;
-        let proxy_addr = proxy_listener.local_addr().ok();
-        let admin_addr = admin_listener.local_addr().ok();
+        let display = |l: &TcpListener| {
+            l.local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string())
+        };
+        let (proxy_addr, admin_addr) = (display(&proxy_listener), display(&admin_listener));
         let names: Vec<&str> = config
             .auth
             .credentials
@@ -200,8 +203,8 @@ impl App {
             .collect();
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
-            listen = ?proxy_addr,
-            admin_listen = ?admin_addr,
+            listen = %proxy_addr,
+            admin_listen = %admin_addr,
             upstream = %config.upstream.base_url,
             token_url = %config.auth.token_url,
             credentials = ?names,

@@ -211,6 +211,8 @@ pub enum LogFormat {
 pub enum ConfigError {
     #[error("config file {} does not exist", .0.display())]
     FileMissing(PathBuf),
+    #[error("config file {} is not a regular file", .0.display())]
+    NotAFile(PathBuf),
     #[error("{0}")]
     Parse(String),
     #[error("invalid `{key}`: {reason}")]
@@ -231,8 +233,11 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = path {
-            if !path.is_file() {
+            if !path.exists() {
                 return Err(ConfigError::FileMissing(path.to_path_buf()));
+            }
+            if !path.is_file() {
+                return Err(ConfigError::NotAFile(path.to_path_buf()));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -500,6 +505,7 @@ fn parse_error(err: &figment::Error) -> ConfigError {
             .is_some_and(|k| k == "key_id" || k == "secret");
         if sensitive {
             let key = e.path.join(".");
+            let key = key.strip_prefix("default.").unwrap_or(&key);
             let source = e
                 .metadata
                 .as_ref()
@@ -512,7 +518,8 @@ fn parse_error(err: &figment::Error) -> ConfigError {
                 "invalid value (redacted) for key \"{key}\"{source}"
             ));
         } else {
-            lines.push(e.to_string());
+            // Figment's profile prefix ("default.") means nothing to our users.
+            lines.push(e.to_string().replace("for key \"default.", "for key \""));
         }
     }
     ConfigError::Parse(lines.join("; "))

@@ -1,0 +1,331 @@
+//! Lifecycle of the real binary: SIGTERM drains in-flight streams and exits 0, the grace deadline
+//! cuts what is left, a second signal exits at once, `/quitquitquit` works when enabled, and
+//! `shutdown_delay_secs` keeps accepting for a while.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use support::*;
+use tokio::time::{timeout, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sidekey");
+
+/// A sidekey process and the addresses it logged at startup.
+struct Proc {
+    child: Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Proc {
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits (bounded) for the exit code.
+    async fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "sidekey did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on port 0 with JSON logs and reads the bound addresses from its startup line.
+async fn spawn(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
+    let dir = std::env::temp_dir().join(format!(
+        "sidekey-shutdown-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sidekey.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n\
+             [upstream]\nbase_url = \"{upstream}\"\n\
+             [auth]\ntoken_url = \"{}\"\n[[auth.credentials]]\nname = \"primary\"\nkey_id = \"{PRIMARY_KEY}\"\nsecret = \"{PRIMARY_SECRET}\"\n\
+             [log]\nformat = \"json\"\n",
+            iam.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = tokio::task::spawn_blocking(move || {
+        loop {
+            let line = rx.recv_timeout(WAIT).expect("startup line");
+            if line.contains("sidekey started") {
+                // keep draining so the child never blocks on a full pipe
+                std::thread::spawn(move || while rx.recv().is_ok() {});
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&started).unwrap();
+    let proc = Proc {
+        child,
+        proxy: json["listen"].as_str().unwrap().parse().unwrap(),
+        admin: json["admin_listen"].as_str().unwrap().parse().unwrap(),
+    };
+    let c = client();
+    let url = format!("http://{}/readyz", proc.admin);
+    let deadline = Instant::now() + WAIT;
+    while c
+        .get(&url)
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "sidekey never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proc
+}
+
+/// An upstream streaming `n` SSE events, `gap` apart.
+async fn sse_upstream(n: u32, gap: Duration) -> FakeUpstream {
+    FakeUpstream::start(move |_req| async move {
+        let stream = futures_util::stream::unfold(0u32, move |i| async move {
+            if i == n {
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            Some((
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(
+                    format!("data: {i}\n\n"),
+                ))),
+                i + 1,
+            ))
+        });
+        let mut resp = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        resp.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        resp
+    })
+    .await
+}
+
+async fn read_all(resp: reqwest::Response) -> (String, bool) {
+    let mut stream = resp.bytes_stream();
+    let mut text = String::new();
+    while let Some(chunk) = timeout(WAIT, stream.next())
+        .await
+        .expect("stream progresses")
+    {
+        match chunk {
+            Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
+            Err(_) => return (text, false),
+        }
+    }
+    (text, true)
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_sse_stream_then_exits_0() {
+    let iam = FakeIam::start().await;
+    let up = sse_upstream(10, Duration::from_millis(100)).await;
+    let mut p = spawn(&iam, &up.base_url(), "shutdown_grace_secs = 10").await;
+    let c = client();
+    let resp = c
+        .post(format!("http://{}/v1/chat/completions", p.proxy))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let reader = tokio::spawn(read_all(resp));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    p.signal("TERM");
+    // Not ready at once, while the stream is still running.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let ready = c
+            .get(format!("http://{}/readyz", p.admin))
+            .send()
+            .await
+            .unwrap();
+        if ready.status() == 503 {
+            assert_eq!(ready.text().await.unwrap(), "draining: shutting down\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The listener is closed: a new connection is refused.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        tokio::net::TcpStream::connect(p.proxy).await.is_err(),
+        "listener still open"
+    );
+    let (text, complete) = timeout(WAIT, reader).await.unwrap().unwrap();
+    assert!(complete, "stream cut: {text}");
+    assert_eq!(text.matches("data: ").count(), 10);
+    assert_eq!(p.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn the_grace_deadline_cuts_long_streams() {
+    let iam = FakeIam::start().await;
+    let up = sse_upstream(100, Duration::from_millis(100)).await;
+    let mut p = spawn(&iam, &up.base_url(), "shutdown_grace_secs = 1").await;
+    let resp = client()
+        .post(format!("http://{}/v1/chat/completions", p.proxy))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let reader = tokio::spawn(read_all(resp));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let signalled = Instant::now();
+    p.signal("TERM");
+    assert_eq!(p.exit_code().await, Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "exited after {took:?}"
+    );
+    let (text, complete) = timeout(WAIT, reader).await.unwrap().unwrap();
+    assert!(
+        !complete || text.matches("data: ").count() < 100,
+        "the stream was cut"
+    );
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let iam = FakeIam::start().await;
+    let up = sse_upstream(100, Duration::from_millis(100)).await;
+    let mut p = spawn(&iam, &up.base_url(), "shutdown_grace_secs = 30").await;
+    let resp = client()
+        .post(format!("http://{}/v1/chat/completions", p.proxy))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let _reader = tokio::spawn(read_all(resp));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = Instant::now();
+    p.signal("INT");
+    let code = p.exit_code().await;
+    assert!(second.elapsed() < Duration::from_secs(2));
+    assert_ne!(code, Some(0), "a forced exit is not a clean one");
+}
+
+#[tokio::test]
+async fn quitquitquit_shuts_down_when_enabled() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::ok().await;
+    let mut p = spawn(&iam, &up.base_url(), "enable_quit_endpoint = true").await;
+    let c = client();
+    assert_eq!(
+        c.get(format!("http://{}/quitquitquit", p.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404,
+        "POST only"
+    );
+    let resp = c
+        .post(format!("http://{}/quitquitquit", p.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(p.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn quitquitquit_is_off_by_default() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::ok().await;
+    let p = spawn(&iam, &up.base_url(), "").await;
+    let resp = client()
+        .post(format!("http://{}/quitquitquit", p.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let ready = client()
+        .get(format!("http://{}/readyz", p.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "still serving");
+}
+
+#[tokio::test]
+async fn shutdown_delay_keeps_accepting_for_a_while() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::ok().await;
+    let mut p = spawn(&iam, &up.base_url(), "shutdown_delay_secs = 1").await;
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Draining, but still accepting: a new connection gets served.
+    let fresh = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let resp = fresh
+        .get(format!("http://{}/v1/models", p.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        fresh
+            .get(format!("http://{}/readyz", p.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(p.exit_code().await, Some(0));
+}
