@@ -637,3 +637,71 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn toml_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<u32>().prop_map(|v| v.to_string()),
+            any::<bool>().prop_map(|v| v.to_string()),
+            "[a-z0-9:./]{0,24}".prop_map(|v| format!("{v:?}")),
+            Just("\"127.0.0.1:0\"".to_string()),
+            Just("\"http://127.0.0.1:1/v1\"".to_string()),
+            Just("1.5".to_string()),
+            Just("[]".to_string()),
+        ]
+    }
+
+    const KEYS: &[(&str, &str)] = &[
+        ("server", "listen"),
+        ("server", "admin_listen"),
+        ("server", "max_request_body_bytes"),
+        ("server", "replay_buffer_bytes"),
+        ("server", "max_connections"),
+        ("server", "max_header_bytes"),
+        ("upstream", "base_url"),
+        ("upstream", "idle_timeout_secs"),
+        ("upstream", "request_timeout_secs"),
+        ("auth", "token_url"),
+        ("auth", "backoff_initial_ms"),
+        ("auth", "backoff_max_ms"),
+        ("auth", "failover_after_failures"),
+        ("log", "level"),
+        ("log", "format"),
+    ];
+
+    proptest! {
+        /// Any value for any key parses or fails cleanly, and a parsed config validates or names
+        /// a key: never a panic.
+        #[test]
+        fn any_value_is_accepted_or_refused_cleanly(picks in proptest::collection::vec((0..KEYS.len(), toml_value()), 1..5)) {
+            let mut sections: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+            for (i, value) in &picks {
+                let (section, key) = KEYS[*i];
+                sections.entry(section).or_default().push(format!("{key} = {value}"));
+            }
+            let mut text = String::new();
+            for (section, lines) in &sections {
+                let mut seen = HashSet::new();
+                text.push_str(&format!("[{section}]\n"));
+                for line in lines {
+                    if seen.insert(line.split(' ').next().unwrap_or_default().to_string()) {
+                        text.push_str(line);
+                        text.push('\n');
+                    }
+                }
+            }
+            text.push_str("[[auth.credentials]]\nname = \"p\"\nkey_id = \"k\"\nsecret = \"s\"\n");
+            if let Ok(config) = toml::from_str::<Config>(&text) {
+                if let Err(ConfigError::Invalid { key, .. }) = config.validate() {
+                    prop_assert!(key.contains('.'), "{}", key);
+                }
+            }
+        }
+    }
+}

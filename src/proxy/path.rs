@@ -276,3 +276,49 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever the client sends, a forwarded request lands under the base path, carries no
+        /// dot segment (literal or encoded), and keeps its query byte for byte.
+        #[test]
+        fn forwarded_paths_stay_under_the_base(
+            segments in proptest::collection::vec(r"(\.|\.\.|%2[eE]|%2[fF]|%5[cC]|[a-zA-Z0-9_.~-]){0,6}", 0..6),
+            query in proptest::option::of("[a-zA-Z0-9=&%./_-]{0,20}"),
+        ) {
+            let mut pq = String::from("/v1");
+            for s in &segments {
+                pq.push('/');
+                pq.push_str(s);
+            }
+            if let Some(q) = &query {
+                pq.push('?');
+                pq.push_str(q);
+            }
+            let target = Target::new(&"https://api.example/base/v1".parse().unwrap()).unwrap();
+            if let Ok(rest) = strip_prefix(&pq) {
+                let uri = target.join(rest).unwrap();
+                prop_assert_eq!(uri.authority().unwrap().as_str(), "api.example");
+                let path = uri.path();
+                prop_assert!(path.starts_with("/base/v1"), "{}", path);
+                for seg in path.split('/') {
+                    let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
+                    prop_assert!(decoded != "." && decoded != "..", "{}", path);
+                    prop_assert!(!decoded.contains("%2f") && !decoded.contains("%5c"), "{}", path);
+                }
+                prop_assert_eq!(uri.query(), query.as_deref());
+            }
+        }
+
+        #[test]
+        fn never_panics(path in ".{0,200}") {
+            let _ = strip_prefix(&path);
+            let _ = Endpoint::classify(&path);
+        }
+    }
+}

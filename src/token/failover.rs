@@ -284,3 +284,34 @@ mod tests {
         assert_eq!(f.active(), 0);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![Just(Outcome::Success), Just(Outcome::Rejected), Just(Outcome::Transient)]
+    }
+
+    proptest! {
+        /// Any sequence of outcomes keeps the machine consistent: the active credential exists,
+        /// a probe is scheduled exactly while on a backup, and a switch never lands on a
+        /// credential known to be rejected.
+        #[test]
+        fn invariants_hold(n in 1usize..5, steps in proptest::collection::vec((0usize..6, outcome(), 0u64..1000), 0..60)) {
+            let start = Instant::now();
+            let mut f = Failover::new(n, 3, Duration::from_secs(300));
+            for (cred, o, secs) in steps {
+                let t = f.record(cred, o, start + Duration::from_secs(secs));
+                prop_assert!(f.active() < n);
+                prop_assert_eq!(f.next_probe().is_some(), f.active() != 0);
+                if let Transition::Switch { from, to } = t {
+                    prop_assert!(from != to);
+                    prop_assert!(!f.rejected[to]);
+                }
+            }
+        }
+    }
+}

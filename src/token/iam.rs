@@ -378,3 +378,57 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn never_panics_on_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_token_response(&bytes);
+        }
+
+        #[test]
+        fn valid_responses_round_trip(token in "[!-~]{1,300}", secs in 1u64..86_400, extra in "[a-z_]{1,12}") {
+            let body = serde_json::json!({"access_token": token, "expires_in": secs, extra: [1, {"x": null}]});
+            let f = parse_token_response(body.to_string().as_bytes()).unwrap();
+            prop_assert_eq!(f.access_token.expose(), token.as_str());
+            prop_assert_eq!(f.expires_in, Duration::from_secs(secs));
+        }
+
+        #[test]
+        fn any_json_values_are_judged_without_panic(token in any_json(), expires in any_json()) {
+            let body = serde_json::json!({"access_token": token, "expires_in": expires});
+            if let Ok(f) = parse_token_response(body.to_string().as_bytes()) {
+                prop_assert!(!f.access_token.is_empty());
+                prop_assert!(f.access_token.expose().bytes().all(|b| b.is_ascii_graphic()));
+                prop_assert!(f.expires_in >= Duration::from_secs(1) && f.expires_in <= MAX_LIFETIME);
+            }
+        }
+
+        #[test]
+        fn sanitized_bodies_are_short_single_line_and_secret_free(body in ".{0,600}", secret in "[A-Za-z0-9]{8,20}") {
+            let creds = Credentials { key_id: Secret::new("KEYID-fixed"), secret: Secret::new(secret.clone()) };
+            let input = format!("{body}{secret}{body}");
+            let out = sanitize_body(input.as_bytes(), &creds);
+            prop_assert!(!out.contains(&secret));
+            prop_assert!(!out.contains('\n') && !out.contains('\r'));
+            prop_assert!(out.chars().count() <= ERROR_BODY_CHARS + 1);
+        }
+    }
+
+    fn any_json() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)),
+            ".{0,40}".prop_map(serde_json::Value::from),
+            Just(serde_json::json!([1, 2])),
+            Just(serde_json::json!({"a": 1})),
+        ]
+    }
+}

@@ -76,3 +76,31 @@ mod tests {
         assert_eq!(backoff(1, S(1), S(30), 0.0, Some(S(86_400))), S(600));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn refresh_is_before_expiry_and_after_half_life(life in 0u64..100_000, before in 0u64..10_000, jitter in 0.0f64..1.0) {
+            let (life, before) = (Duration::from_secs(life), Duration::from_secs(before));
+            let at = refresh_after(life, before, jitter);
+            prop_assert!(at <= life);
+            prop_assert!(at >= (life / 2).mul_f64(0.9));
+            prop_assert!(at >= life.saturating_sub(before).saturating_sub(before / 10));
+        }
+
+        #[test]
+        fn backoff_is_bounded(attempt in 0u32..200, initial_ms in 1u64..10_000, max_ms in 1u64..100_000,
+                              jitter in 0.0f64..1.0, retry in proptest::option::of(0u64..100_000)) {
+            let (initial, max) = (Duration::from_millis(initial_ms), Duration::from_millis(max_ms.max(initial_ms)));
+            let d = backoff(attempt, initial, max, jitter, retry.map(Duration::from_secs));
+            let ceiling = max.max(retry.map_or(Duration::ZERO, |r| Duration::from_secs(r.min(600))));
+            prop_assert!(d <= ceiling);
+            prop_assert!(d >= initial.min(max) / 2 || retry.is_some());
+        }
+    }
+}
