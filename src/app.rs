@@ -123,7 +123,7 @@ impl App {
         let creds = a
             .credentials
             .iter()
-            .map(CredentialSource::from_config)
+            .map(|c| CredentialSource::from_config(c, a.world_readable_secret_files))
             .collect();
         let refresher = Refresher::new(
             iam,

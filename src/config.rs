@@ -142,6 +142,9 @@ pub struct AuthConfig {
     pub forced_refresh_timeout_secs: u64,
     /// Credential files are re-read this often; a change triggers a prompt refresh.
     pub credential_poll_secs: u64,
+    /// What to do with a `key_id_file`/`secret_file` that any user on the machine can read:
+    /// `warn` (log once), `refuse` (treat the credential as rejected), or `allow`.
+    pub world_readable_secret_files: FilePolicy,
     /// Ordered: the first is the primary, the rest are backups.
     pub credentials: Vec<CredentialConfig>,
 }
@@ -161,6 +164,7 @@ impl Default for AuthConfig {
             min_forced_refresh_interval_secs: 10,
             forced_refresh_timeout_secs: 10,
             credential_poll_secs: 10,
+            world_readable_secret_files: FilePolicy::Warn,
             credentials: Vec::new(),
         }
     }
@@ -197,6 +201,16 @@ impl Default for LogConfig {
             access: false,
         }
     }
+}
+
+/// Policy for credential files readable by anyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilePolicy {
+    #[default]
+    Warn,
+    Refuse,
+    Allow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

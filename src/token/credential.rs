@@ -3,10 +3,11 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::config::CredentialConfig;
+use crate::config::{CredentialConfig, FilePolicy};
 use crate::secret::Secret;
 
 /// A key id and secret, read and ready to send.
@@ -37,19 +38,45 @@ pub enum CredentialError {
     },
     #[error("{} is empty", .0.display())]
     Empty(PathBuf),
+    #[error("{} is readable by every user; restrict it (e.g. Kubernetes defaultMode: 0400) or set auth.world_readable_secret_files", .0.display())]
+    WorldReadable(PathBuf),
 }
 
 #[derive(Debug, Clone)]
 enum Value {
     Inline(Secret),
-    File(PathBuf),
+    File {
+        path: PathBuf,
+        policy: FilePolicy,
+        warned: Arc<AtomicBool>,
+    },
 }
 
 impl Value {
+    fn file(path: &Path, policy: FilePolicy) -> Self {
+        Value::File {
+            path: path.to_path_buf(),
+            policy,
+            warned: Arc::default(),
+        }
+    }
+
     async fn read(&self) -> Result<Secret, CredentialError> {
         match self {
             Value::Inline(s) => Ok(s.clone()),
-            Value::File(path) => {
+            Value::File {
+                path,
+                policy,
+                warned,
+            } => {
+                if *policy != FilePolicy::Allow && world_readable(path).await {
+                    if *policy == FilePolicy::Refuse {
+                        return Err(CredentialError::WorldReadable(path.clone()));
+                    }
+                    if !warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(path = %path.display(), "Credential file is readable by every user; restrict its mode (e.g. 0400)");
+                    }
+                }
                 let raw = tokio::fs::read_to_string(path).await.map_err(|source| {
                     CredentialError::Read {
                         path: path.clone(),
@@ -66,7 +93,24 @@ impl Value {
     }
 
     fn is_file(&self) -> bool {
-        matches!(self, Value::File(_))
+        matches!(self, Value::File { .. })
+    }
+}
+
+/// True if the file (following symlinks, as Kubernetes Secret volumes use them) is readable by
+/// others. Unknown (no such file, or not Unix) counts as not: reading it reports the real error.
+async fn world_readable(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tokio::fs::metadata(path)
+            .await
+            .is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
     }
 }
 
@@ -80,10 +124,10 @@ pub struct CredentialSource {
 
 impl CredentialSource {
     /// From a validated config entry.
-    pub fn from_config(c: &CredentialConfig) -> Self {
+    pub fn from_config(c: &CredentialConfig, policy: FilePolicy) -> Self {
         let value = |inline: &Option<Secret>, file: &Option<PathBuf>| match (inline, file) {
             (Some(s), _) => Value::Inline(s.clone()),
-            (None, Some(p)) => Value::File(p.clone()),
+            (None, Some(p)) => Value::file(p, policy),
             (None, None) => Value::Inline(Secret::default()),
         };
         Self {
@@ -131,12 +175,15 @@ mod tests {
         let (k, s) = (dir.join("key_id"), dir.join("secret"));
         std::fs::write(&k, "kid-1\n").unwrap();
         std::fs::write(&s, "sec-1\r\n").unwrap();
-        let src = CredentialSource::from_config(&CredentialConfig {
-            name: "primary".into(),
-            key_id_file: Some(k.clone()),
-            secret_file: Some(s.clone()),
-            ..Default::default()
-        });
+        let src = CredentialSource::from_config(
+            &CredentialConfig {
+                name: "primary".into(),
+                key_id_file: Some(k.clone()),
+                secret_file: Some(s.clone()),
+                ..Default::default()
+            },
+            FilePolicy::Allow,
+        );
         assert!(src.uses_files());
         let first = src.read().await.unwrap();
         assert_eq!(first.key_id.expose(), "kid-1");
@@ -147,6 +194,35 @@ mod tests {
         assert_ne!(first.fingerprint(), second.fingerprint());
         std::fs::write(&s, "\n").unwrap();
         assert!(matches!(src.read().await, Err(CredentialError::Empty(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn world_readable_files_are_refused_when_asked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sidekey-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "s\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cfg = CredentialConfig {
+            name: "p".into(),
+            key_id: Some("k".into()),
+            secret_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let refuse = CredentialSource::from_config(&cfg, FilePolicy::Refuse);
+        assert!(matches!(
+            refuse.read().await,
+            Err(CredentialError::WorldReadable(_))
+        ));
+        assert!(CredentialSource::from_config(&cfg, FilePolicy::Warn)
+            .read()
+            .await
+            .is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(refuse.read().await.is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -292,7 +292,11 @@ mod proptests {
     use super::*;
 
     fn outcome() -> impl Strategy<Value = Outcome> {
-        prop_oneof![Just(Outcome::Success), Just(Outcome::Rejected), Just(Outcome::Transient)]
+        prop_oneof![
+            Just(Outcome::Success),
+            Just(Outcome::Rejected),
+            Just(Outcome::Transient)
+        ]
     }
 
     proptest! {

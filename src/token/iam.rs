@@ -425,7 +425,8 @@ mod proptests {
             Just(serde_json::Value::Null),
             any::<bool>().prop_map(serde_json::Value::from),
             any::<i64>().prop_map(serde_json::Value::from),
-            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+                .map_or(serde_json::Value::Null, serde_json::Value::Number)),
             ".{0,40}".prop_map(serde_json::Value::from),
             Just(serde_json::json!([1, 2])),
             Just(serde_json::json!({"a": 1})),
