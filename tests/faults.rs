@@ -1,5 +1,5 @@
 //! Faults around sidekey, each reporting what it measured on a `figures:` line (collected into
-//! the README by `scripts/reliability-figures.sh`): long IAM outages, a hanging IAM, upstream
+//! the README by `tests/reliability-figures.sh`): long IAM outages, a hanging IAM, upstream
 //! resets and errors, and token churn under load.
 
 mod support;
