@@ -43,12 +43,7 @@ impl Admin {
         lifecycle: Arc<Lifecycle>,
         quit: Option<CancellationToken>,
     ) -> Self {
-        Self {
-            metrics,
-            tokens,
-            lifecycle,
-            quit,
-        }
+        Self { metrics, tokens, lifecycle, quit }
     }
 
     pub async fn handle(
@@ -62,10 +57,7 @@ impl Admin {
                 if self.lifecycle.refresher_alive.load(Ordering::Acquire) {
                     text(StatusCode::OK, "ok\n")
                 } else {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "token refresher is not running\n",
-                    )
+                    text(StatusCode::SERVICE_UNAVAILABLE, "token refresher is not running\n")
                 }
             }
             ("/readyz", true) => self.ready(),
@@ -78,10 +70,7 @@ impl Admin {
                 resp
             }
             ("/quitquitquit", _) if req.method() == Method::POST => self.quit(peer),
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "not found: try /healthz, /readyz or /metrics\n",
-            ),
+            _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n"),
         };
         Ok(resp)
     }
@@ -92,23 +81,16 @@ impl Admin {
         }
         match self.tokens.current(Instant::now()) {
             Ok(_) => text(StatusCode::OK, "ready\n"),
-            Err(unavailable) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{}\n", unavailable.message),
-            ),
+            Err(unavailable) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", unavailable.message)),
         }
     }
 
     fn quit(&self, peer: SocketAddr) -> Response<Full<Bytes>> {
         match &self.quit {
-            None => text(
-                StatusCode::NOT_FOUND,
-                "quit endpoint disabled (server.enable_quit_endpoint)\n",
-            ),
-            Some(_) if !peer.ip().is_loopback() => text(
-                StatusCode::FORBIDDEN,
-                "quit is allowed from loopback only\n",
-            ),
+            None => text(StatusCode::NOT_FOUND, "quit endpoint disabled (server.enable_quit_endpoint)\n"),
+            Some(_) if !peer.ip().is_loopback() => {
+                text(StatusCode::FORBIDDEN, "quit is allowed from loopback only\n")
+            }
             Some(quit) => {
                 tracing::info!("Shutdown requested via /quitquitquit");
                 quit.cancel();
@@ -121,9 +103,6 @@ impl Admin {
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }

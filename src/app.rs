@@ -60,12 +60,7 @@ impl App {
         let proxy_listener = bind("server.listen", config.server.listen).await?;
         let admin_listener = bind("server.admin_listen", config.server.admin_listen).await?;
 
-        let names: Vec<String> = config
-            .auth
-            .credentials
-            .iter()
-            .map(|c| c.name.clone())
-            .collect();
+        let names: Vec<String> = config.auth.credentials.iter().map(|c| c.name.clone()).collect();
         let metrics = Metrics::new(&names);
         let tokens = TokenStore::new();
         let lifecycle = Arc::new(Lifecycle::default());
@@ -78,8 +73,7 @@ impl App {
             pool_idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
             pool_max_idle_per_host: u.pool_max_idle_per_host,
         };
-        let upstream_client =
-            client::build(client::connector(&upstream_settings)?, &upstream_settings);
+        let upstream_client = client::build(client::connector(&upstream_settings)?, &upstream_settings);
         let base = parse_base_url("upstream.base_url", &u.base_url)?;
         let target = Target::new(&base).ok_or_else(|| ConfigError::Invalid {
             key: "upstream.base_url".into(),
@@ -103,6 +97,8 @@ impl App {
                 request_timeout: u.request_timeout_secs.map(Duration::from_secs),
                 forced_refresh_wait: Duration::from_secs(config.auth.forced_refresh_timeout_secs),
                 access_log: config.log.access,
+                max_inflight: config.server.max_inflight,
+                queue_timeout: Duration::from_millis(config.server.queue_timeout_ms),
             },
             tokens.clone(),
             metrics.clone(),
@@ -125,13 +121,8 @@ impl App {
             .iter()
             .map(|c| CredentialSource::from_config(c, a.world_readable_secret_files))
             .collect();
-        let refresher = Refresher::new(
-            iam,
-            tokens.clone(),
-            creds,
-            RefreshSettings::from_config(a),
-            metrics.clone(),
-        );
+        let refresher =
+            Refresher::new(iam, tokens.clone(), creds, RefreshSettings::from_config(a), metrics.clone());
 
         let admin = Admin::new(
             metrics.clone(),
@@ -155,16 +146,12 @@ impl App {
 
     /// The proxy's bound address (useful with port 0).
     pub fn proxy_addr(&self) -> SocketAddr {
-        self.proxy_listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.proxy_listener.local_addr().expect("bound listener has an address")
     }
 
     /// The admin listener's bound address.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.admin_listener.local_addr().expect("bound listener has an address")
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -190,17 +177,9 @@ impl App {
             refresher,
         } = self;
         let s = &config.server;
-        let display = |l: &TcpListener| {
-            l.local_addr()
-                .map_or_else(|e| e.to_string(), |a| a.to_string())
-        };
+        let display = |l: &TcpListener| l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
         let (proxy_addr, admin_addr) = (display(&proxy_listener), display(&admin_listener));
-        let names: Vec<&str> = config
-            .auth
-            .credentials
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
+        let names: Vec<&str> = config.auth.credentials.iter().map(|c| c.name.as_str()).collect();
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             listen = %proxy_addr,
@@ -268,7 +247,5 @@ impl App {
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { key, addr, source })
+    TcpListener::bind(addr).await.map_err(|source| AppError::Bind { key, addr, source })
 }

@@ -49,12 +49,8 @@ pub fn parse(
         match text.as_str() {
             "-h" | "--help" | "help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
-            "-c" | "--config" => {
-                config = Some(PathBuf::from(args.next().ok_or(UsageError::MissingValue)?))
-            }
-            _ if text.starts_with("--config=") => {
-                config = Some(PathBuf::from(&text["--config=".len()..]))
-            }
+            "-c" | "--config" => config = Some(PathBuf::from(args.next().ok_or(UsageError::MissingValue)?)),
+            _ if text.starts_with("--config=") => config = Some(PathBuf::from(&text["--config=".len()..])),
             _ => return Err(UsageError::Unknown(text)),
         }
     }
@@ -77,24 +73,9 @@ mod tests {
     #[test]
     fn commands() {
         assert_eq!(p(&[], None), Ok(Command::Run { config: None }));
-        assert_eq!(
-            p(&["--config", "a.toml"], None),
-            Ok(Command::Run {
-                config: Some("a.toml".into())
-            })
-        );
-        assert_eq!(
-            p(&["--config=a.toml"], None),
-            Ok(Command::Run {
-                config: Some("a.toml".into())
-            })
-        );
-        assert_eq!(
-            p(&["check", "-c", "b.toml"], None),
-            Ok(Command::Check {
-                config: Some("b.toml".into())
-            })
-        );
+        assert_eq!(p(&["--config", "a.toml"], None), Ok(Command::Run { config: Some("a.toml".into()) }));
+        assert_eq!(p(&["--config=a.toml"], None), Ok(Command::Run { config: Some("a.toml".into()) }));
+        assert_eq!(p(&["check", "-c", "b.toml"], None), Ok(Command::Check { config: Some("b.toml".into()) }));
         assert_eq!(p(&["dev"], None), Ok(Command::Dev { config: None }));
         assert_eq!(p(&["--help"], None), Ok(Command::Help));
         assert_eq!(p(&["--version"], None), Ok(Command::Version));
@@ -102,26 +83,16 @@ mod tests {
 
     #[test]
     fn env_config_is_the_fallback() {
-        assert_eq!(
-            p(&[], Some("env.toml")),
-            Ok(Command::Run {
-                config: Some("env.toml".into())
-            })
-        );
+        assert_eq!(p(&[], Some("env.toml")), Ok(Command::Run { config: Some("env.toml".into()) }));
         assert_eq!(
             p(&["-c", "flag.toml"], Some("env.toml")),
-            Ok(Command::Run {
-                config: Some("flag.toml".into())
-            })
+            Ok(Command::Run { config: Some("flag.toml".into()) })
         );
     }
 
     #[test]
     fn errors() {
         assert_eq!(p(&["--config"], None), Err(UsageError::MissingValue));
-        assert_eq!(
-            p(&["--frobnicate"], None),
-            Err(UsageError::Unknown("--frobnicate".into()))
-        );
+        assert_eq!(p(&["--frobnicate"], None), Err(UsageError::Unknown("--frobnicate".into())));
     }
 }

@@ -46,14 +46,10 @@ pub fn connector(settings: &ClientSettings<'_>) -> Result<Connector, ClientError
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = settings.ca_file {
         let before = roots.len();
-        for cert in CertificateDer::pem_file_iter(path).map_err(|source| ClientError::CaFile {
-            path: path.into(),
-            source,
-        })? {
-            let cert = cert.map_err(|source| ClientError::CaFile {
-                path: path.into(),
-                source,
-            })?;
+        for cert in CertificateDer::pem_file_iter(path)
+            .map_err(|source| ClientError::CaFile { path: path.into(), source })?
+        {
+            let cert = cert.map_err(|source| ClientError::CaFile { path: path.into(), source })?;
             // A malformed certificate among good ones is skipped, as browsers do.
             let _ = roots.add(cert);
         }

@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// Bytes of request line plus headers at most (HTTP/1 read buffer, at least 8192).
     pub max_header_bytes: usize,
+    /// Requests proxied at once at most (unset: unlimited). More wait up to `queue_timeout_ms`,
+    /// then get 429 with `Retry-After`, which SDK retry logic handles.
+    pub max_inflight: Option<usize>,
+    pub queue_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +82,8 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_headers: 100,
             max_header_bytes: 64 * 1024,
+            max_inflight: None,
+            queue_timeout_ms: 10_000,
         }
     }
 }
@@ -195,11 +201,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Text,
-            access: false,
-        }
+        Self { level: "info".into(), format: LogFormat::Text, access: false }
     }
 }
 
@@ -235,10 +237,7 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Invalid {
-            key: key.into(),
-            reason: reason.into(),
-        }
+        Self::Invalid { key: key.into(), reason: reason.into() }
     }
 }
 
@@ -272,12 +271,7 @@ impl Config {
         }
         let slots = [
             (0, "primary", "EVOLUTION_KEY_ID", "EVOLUTION_SECRET"),
-            (
-                1,
-                "backup",
-                "EVOLUTION_BACKUP_KEY_ID",
-                "EVOLUTION_BACKUP_SECRET",
-            ),
+            (1, "backup", "EVOLUTION_BACKUP_KEY_ID", "EVOLUTION_BACKUP_SECRET"),
         ];
         for (index, name, key_var, secret_var) in slots {
             let (key_id, secret) = (get(key_var), get(secret_var));
@@ -286,10 +280,7 @@ impl Config {
             }
             while self.auth.credentials.len() <= index {
                 let name = ["primary", "backup"][self.auth.credentials.len()];
-                self.auth.credentials.push(CredentialConfig {
-                    name: name.into(),
-                    ..Default::default()
-                });
+                self.auth.credentials.push(CredentialConfig { name: name.into(), ..Default::default() });
             }
             let cred = &mut self.auth.credentials[index];
             if cred.name.is_empty() {
@@ -319,10 +310,7 @@ impl Config {
 
     fn validate_server(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        for (key, addr) in [
-            ("server.listen", s.listen),
-            ("server.admin_listen", s.admin_listen),
-        ] {
+        for (key, addr) in [("server.listen", s.listen), ("server.admin_listen", s.admin_listen)] {
             if !addr.ip().is_loopback() && !s.allow_non_loopback {
                 return Err(ConfigError::invalid(
                     key,
@@ -334,23 +322,20 @@ impl Config {
             }
         }
         if s.listen == s.admin_listen && s.listen.port() != 0 {
-            return Err(ConfigError::invalid(
-                "server.admin_listen",
-                "must differ from server.listen",
-            ));
+            return Err(ConfigError::invalid("server.admin_listen", "must differ from server.listen"));
         }
         positive("server.max_request_body_bytes", s.max_request_body_bytes)?;
-        positive(
-            "server.header_read_timeout_secs",
-            s.header_read_timeout_secs,
-        )?;
+        positive("server.header_read_timeout_secs", s.header_read_timeout_secs)?;
         positive("server.max_connections", s.max_connections as u64)?;
         positive("server.max_headers", s.max_headers as u64)?;
-        if s.max_header_bytes < 8192 {
+        if s.max_inflight == Some(0) {
             return Err(ConfigError::invalid(
-                "server.max_header_bytes",
-                "must be at least 8192",
+                "server.max_inflight",
+                "must be greater than 0 (or unset for no limit)",
             ));
+        }
+        if s.max_header_bytes < 8192 {
+            return Err(ConfigError::invalid("server.max_header_bytes", "must be at least 8192"));
         }
         if s.replay_buffer_bytes > s.max_request_body_bytes {
             return Err(ConfigError::invalid(
@@ -386,15 +371,9 @@ impl Config {
         positive("auth.connect_timeout_secs", a.connect_timeout_secs)?;
         positive("auth.timeout_secs", a.timeout_secs)?;
         positive("auth.backoff_initial_ms", a.backoff_initial_ms)?;
-        positive(
-            "auth.failover_after_failures",
-            u64::from(a.failover_after_failures),
-        )?;
+        positive("auth.failover_after_failures", u64::from(a.failover_after_failures))?;
         positive("auth.credential_poll_secs", a.credential_poll_secs)?;
-        positive(
-            "auth.forced_refresh_timeout_secs",
-            a.forced_refresh_timeout_secs,
-        )?;
+        positive("auth.forced_refresh_timeout_secs", a.forced_refresh_timeout_secs)?;
         if a.backoff_max_ms < a.backoff_initial_ms {
             return Err(ConfigError::invalid(
                 "auth.backoff_max_ms",
@@ -420,23 +399,10 @@ impl Config {
                 return Err(ConfigError::invalid(key("name"), "must not be empty"));
             }
             if !names.insert(c.name.as_str()) {
-                return Err(ConfigError::invalid(
-                    key("name"),
-                    format!("duplicate name '{}'", c.name),
-                ));
+                return Err(ConfigError::invalid(key("name"), format!("duplicate name '{}'", c.name)));
             }
-            one_source(
-                &key("key_id"),
-                &key("key_id_file"),
-                c.key_id.as_ref(),
-                c.key_id_file.as_ref(),
-            )?;
-            one_source(
-                &key("secret"),
-                &key("secret_file"),
-                c.secret.as_ref(),
-                c.secret_file.as_ref(),
-            )?;
+            one_source(&key("key_id"), &key("key_id_file"), c.key_id.as_ref(), c.key_id_file.as_ref())?;
+            one_source(&key("secret"), &key("secret_file"), c.secret.as_ref(), c.secret_file.as_ref())?;
         }
         Ok(())
     }
@@ -465,45 +431,31 @@ fn one_source(
     file: Option<&PathBuf>,
 ) -> Result<(), ConfigError> {
     match (inline, file) {
-        (Some(_), Some(_)) => Err(ConfigError::invalid(
-            key,
-            format!("set either {key} or {file_key}, not both"),
-        )),
-        (None, None) => Err(ConfigError::invalid(
-            key,
-            format!("missing (set {key} or {file_key})"),
-        )),
+        (Some(_), Some(_)) => {
+            Err(ConfigError::invalid(key, format!("set either {key} or {file_key}, not both")))
+        }
+        (None, None) => Err(ConfigError::invalid(key, format!("missing (set {key} or {file_key})"))),
         (Some(v), None) if v.is_empty() => Err(ConfigError::invalid(key, "must not be empty")),
-        (None, Some(path)) if !path.is_file() => Err(ConfigError::invalid(
-            file_key,
-            format!("{} does not exist", path.display()),
-        )),
+        (None, Some(path)) if !path.is_file() => {
+            Err(ConfigError::invalid(file_key, format!("{} does not exist", path.display())))
+        }
         _ => Ok(()),
     }
 }
 
 /// Parses an absolute `http`/`https` URL without query or fragment.
 pub fn parse_base_url(key: &str, value: &str) -> Result<Uri, ConfigError> {
-    let uri: Uri = value
-        .parse()
-        .map_err(|e| ConfigError::invalid(key, format!("{value:?} is not a URL: {e}")))?;
+    let uri: Uri =
+        value.parse().map_err(|e| ConfigError::invalid(key, format!("{value:?} is not a URL: {e}")))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => {
-            return Err(ConfigError::invalid(
-                key,
-                format!("{value:?} must start with http:// or https://"),
-            ))
-        }
+        _ => return Err(ConfigError::invalid(key, format!("{value:?} must start with http:// or https://"))),
     }
     if uri.authority().is_none() {
         return Err(ConfigError::invalid(key, format!("{value:?} has no host")));
     }
     if uri.query().is_some() || value.contains('#') {
-        return Err(ConfigError::invalid(
-            key,
-            format!("{value:?} must not have a query or fragment"),
-        ));
+        return Err(ConfigError::invalid(key, format!("{value:?} must not have a query or fragment")));
     }
     Ok(uri)
 }
@@ -513,10 +465,7 @@ pub fn parse_base_url(key: &str, value: &str) -> Result<Uri, ConfigError> {
 fn parse_error(err: &figment::Error) -> ConfigError {
     let mut lines = Vec::new();
     for e in err.clone() {
-        let sensitive = e
-            .path
-            .last()
-            .is_some_and(|k| k == "key_id" || k == "secret");
+        let sensitive = e.path.last().is_some_and(|k| k == "key_id" || k == "secret");
         if sensitive {
             let key = e.path.join(".");
             let key = key.strip_prefix("default.").unwrap_or(&key);
@@ -528,9 +477,7 @@ fn parse_error(err: &figment::Error) -> ConfigError {
                     None => format!(" in {}", m.name),
                 })
                 .unwrap_or_default();
-            lines.push(format!(
-                "invalid value (redacted) for key \"{key}\"{source}"
-            ));
+            lines.push(format!("invalid value (redacted) for key \"{key}\"{source}"));
         } else {
             // Figment's profile prefix ("default.") means nothing to our users.
             lines.push(e.to_string().replace("for key \"default.", "for key \""));
@@ -561,15 +508,9 @@ mod tests {
         assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9191");
         assert_eq!(c.server.max_request_body_bytes, 33_554_432);
         assert_eq!(c.server.shutdown_grace_secs, 30);
-        assert_eq!(
-            c.upstream.base_url,
-            "https://foundation-models.api.cloud.ru/v1"
-        );
+        assert_eq!(c.upstream.base_url, "https://foundation-models.api.cloud.ru/v1");
         assert_eq!(c.upstream.connect_timeout_secs, 5);
-        assert_eq!(
-            c.auth.token_url,
-            "https://iam.api.cloud.ru/api/v1/auth/token"
-        );
+        assert_eq!(c.auth.token_url, "https://iam.api.cloud.ru/api/v1/auth/token");
         assert_eq!(c.auth.refresh_before_secs, 300);
     }
 
@@ -629,10 +570,7 @@ mod tests {
         assert_eq!(c.auth.credentials.len(), 2);
         assert_eq!(c.auth.credentials[0].name, "primary");
         assert_eq!(c.auth.credentials[1].name, "backup");
-        assert_eq!(
-            c.auth.credentials[1].secret.as_ref().unwrap().expose(),
-            "s2"
-        );
+        assert_eq!(c.auth.credentials[1].secret.as_ref().unwrap().expose(), "s2");
         assert_eq!(c.upstream.base_url, "http://127.0.0.1:1/v1");
         c.validate().unwrap();
     }
@@ -643,10 +581,7 @@ mod tests {
         let debug = format!("{c:?}");
         let toml = c.to_redacted_toml();
         for out in [debug, toml] {
-            assert!(
-                !out.contains("KEYID-7f3a") && !out.contains("SECRET-9c2e"),
-                "{out}"
-            );
+            assert!(!out.contains("KEYID-7f3a") && !out.contains("SECRET-9c2e"), "{out}");
             assert!(out.contains("[redacted]"));
         }
     }

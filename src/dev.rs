@@ -54,10 +54,7 @@ impl DemoState {
     }
 
     fn valid(&self, bearer: Option<&HeaderValue>) -> bool {
-        let Some(token) = bearer
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
+        let Some(token) = bearer.and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
             return false;
         };
         let issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
@@ -77,11 +74,7 @@ pub struct DemoServers {
 impl DemoServers {
     /// Binds both on `127.0.0.1:0` and starts serving.
     pub async fn start(lifetime: Duration) -> std::io::Result<Self> {
-        let state = Arc::new(DemoState {
-            lifetime,
-            issued: Mutex::default(),
-            counter: AtomicU64::new(0),
-        });
+        let state = Arc::new(DemoState { lifetime, issued: Mutex::default(), counter: AtomicU64::new(0) });
         let stop = CancellationToken::new();
         let iam = TcpListener::bind("127.0.0.1:0").await?;
         let upstream = TcpListener::bind("127.0.0.1:0").await?;
@@ -95,31 +88,16 @@ impl DemoServers {
             grace: Duration::from_secs(1),
         };
         let s = Arc::clone(&state);
-        tokio::spawn(serve(
-            iam,
-            settings("demo-iam"),
-            stop.clone(),
-            move |req, _| {
-                let s = Arc::clone(&s);
-                async move { Ok::<_, Infallible>(fake_iam(req, &s).await) }
-            },
-        ));
+        tokio::spawn(serve(iam, settings("demo-iam"), stop.clone(), move |req, _| {
+            let s = Arc::clone(&s);
+            async move { Ok::<_, Infallible>(fake_iam(req, &s).await) }
+        }));
         let s = Arc::clone(&state);
-        tokio::spawn(serve(
-            upstream,
-            settings("demo-upstream"),
-            stop.clone(),
-            move |req, _| {
-                let s = Arc::clone(&s);
-                async move { Ok::<_, Infallible>(demo_upstream(req, &s).await) }
-            },
-        ));
-        Ok(Self {
-            iam_addr,
-            upstream_addr,
-            state,
-            stop,
-        })
+        tokio::spawn(serve(upstream, settings("demo-upstream"), stop.clone(), move |req, _| {
+            let s = Arc::clone(&s);
+            async move { Ok::<_, Infallible>(demo_upstream(req, &s).await) }
+        }));
+        Ok(Self { iam_addr, upstream_addr, state, stop })
     }
 
     /// Points `config` at the demo servers with the demo credential.
@@ -143,13 +121,11 @@ impl Drop for DemoServers {
 
 /// Runs the demo until `shutdown` resolves.
 pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-    let demo = DemoServers::start(DEV_TOKEN_LIFETIME)
-        .await
-        .map_err(|source| AppError::Bind {
-            key: "dev",
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            source,
-        })?;
+    let demo = DemoServers::start(DEV_TOKEN_LIFETIME).await.map_err(|source| AppError::Bind {
+        key: "dev",
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        source,
+    })?;
     demo.configure(&mut config);
     config.validate()?;
     let app = App::bind(config).await?;
@@ -181,24 +157,16 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> Resu
 fn json_response(status: StatusCode, body: &Value) -> Response<DemoBody> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
 fn openai_error(status: StatusCode, message: &str) -> Response<DemoBody> {
-    json_response(
-        status,
-        &json!({"error": {"message": message, "type": "demo_error", "code": null}}),
-    )
+    json_response(status, &json!({"error": {"message": message, "type": "demo_error", "code": null}}))
 }
 
 async fn read_json(req: Request<Incoming>) -> Option<Value> {
-    let bytes = Limited::new(req.into_body(), 1 << 20)
-        .collect()
-        .await
-        .ok()?
-        .to_bytes();
+    let bytes = Limited::new(req.into_body(), 1 << 20).collect().await.ok()?.to_bytes();
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -210,10 +178,7 @@ async fn fake_iam(req: Request<Incoming>, state: &DemoState) -> Response<DemoBod
         return json_response(StatusCode::BAD_REQUEST, &json!({"error": "expected JSON"}));
     };
     if body["keyId"] != DEV_KEY_ID || body["secret"] != DEV_SECRET {
-        return json_response(
-            StatusCode::UNAUTHORIZED,
-            &json!({"error": "invalid credentials"}),
-        );
+        return json_response(StatusCode::UNAUTHORIZED, &json!({"error": "invalid credentials"}));
     }
     let token = state.issue();
     json_response(
@@ -228,10 +193,7 @@ async fn fake_iam(req: Request<Incoming>, state: &DemoState) -> Response<DemoBod
 
 async fn demo_upstream(req: Request<Incoming>, state: &DemoState) -> Response<DemoBody> {
     if !state.valid(req.headers().get(AUTHORIZATION)) {
-        return openai_error(
-            StatusCode::UNAUTHORIZED,
-            "Jwt is expired or invalid (demo upstream)",
-        );
+        return openai_error(StatusCode::UNAUTHORIZED, "Jwt is expired or invalid (demo upstream)");
     }
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/v1/models") => json_response(
@@ -282,29 +244,17 @@ fn chat(body: &Value) -> Response<DemoBody> {
         json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut events = vec![chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )];
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
     for (i, word) in reply.split(' ').enumerate() {
-        let piece = if i == 0 {
-            word.to_string()
-        } else {
-            format!(" {word}")
-        };
+        let piece = if i == 0 { word.to_string() } else { format!(" {word}") };
         events.push(chunk(json!({"content": piece}), Value::Null));
     }
     events.push(chunk(json!({}), json!("stop")));
     if include_usage {
-        events.push(
-            json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
-                           "choices": [], "usage": usage}),
-        );
+        events.push(json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+                           "choices": [], "usage": usage}));
     }
-    let mut lines: Vec<Bytes> = events
-        .iter()
-        .map(|e| Bytes::from(format!("data: {e}\n\n")))
-        .collect();
+    let mut lines: Vec<Bytes> = events.iter().map(|e| Bytes::from(format!("data: {e}\n\n"))).collect();
     lines.push(Bytes::from_static(b"data: [DONE]\n\n"));
     let stream = futures_util::stream::unfold(lines.into_iter(), |mut it| async move {
         let next = it.next()?;
@@ -312,26 +262,18 @@ fn chat(body: &Value) -> Response<DemoBody> {
         Some((Ok::<_, Infallible>(Frame::data(next)), it))
     });
     let mut resp = Response::new(StreamBody::new(stream).boxed());
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    resp.headers_mut()
-        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
     resp
 }
 
 fn embeddings(body: &Value) -> Response<DemoBody> {
     let inputs: Vec<String> = match &body["input"] {
         Value::String(s) => vec![s.clone()],
-        Value::Array(items) => items
-            .iter()
-            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
-            .collect(),
-        _ => {
-            return openai_error(
-                StatusCode::BAD_REQUEST,
-                "input must be a string or an array",
-            )
+        Value::Array(items) => {
+            items.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).collect()
         }
+        _ => return openai_error(StatusCode::BAD_REQUEST, "input must be a string or an array"),
     };
     let data: Vec<Value> = inputs
         .iter()

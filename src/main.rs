@@ -9,10 +9,7 @@ use sidekey::{logging, App, Config};
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let command = match cli::parse(
-        std::env::args_os().skip(1),
-        std::env::var_os("SIDEKEY_CONFIG"),
-    ) {
+    let command = match cli::parse(std::env::args_os().skip(1), std::env::var_os("SIDEKEY_CONFIG")) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sidekey: {e}\n{}", cli::USAGE);
@@ -72,12 +69,10 @@ fn main() -> ExitCode {
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    Config::load(path)
-        .and_then(|c| c.validate().map(|()| c))
-        .map_err(|e| {
-            eprintln!("sidekey: config error: {e}");
-            ExitCode::from(EXIT_CONFIG)
-        })
+    Config::load(path).and_then(|c| c.validate().map(|()| c)).map_err(|e| {
+        eprintln!("sidekey: config error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 fn startup_failed(e: &sidekey::app::AppError) -> ExitCode {
@@ -91,8 +86,5 @@ fn startup_failed(e: &sidekey::app::AppError) -> ExitCode {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime starts")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts")
 }

@@ -4,16 +4,16 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::proxy::path::Endpoint;
 
 /// Buckets that resolve sub-millisecond proxy work and multi-minute streams alike.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
 /// Shared metric handles. Cloning is an `Arc` bump.
@@ -38,6 +38,8 @@ pub struct Inner {
     pub request_replays_total: IntCounter,
     pub inflight_requests: IntGauge,
     pub refresher_panics_total: IntCounter,
+    pub queue_depth: IntGauge,
+    pub queue_rejections_total: IntCounter,
 }
 
 impl std::ops::Deref for Metrics {
@@ -56,21 +58,15 @@ impl Metrics {
         let token_refresh_total = register(
             r,
             IntCounterVec::new(
-                Opts::new(
-                    "sidekey_token_refresh_total",
-                    "Token fetches by credential and result.",
-                ),
+                Opts::new("sidekey_token_refresh_total", "Token fetches by credential and result."),
                 &["credential", "result"],
             ),
         );
         let token_refresh_duration_seconds = register(
             r,
             HistogramVec::new(
-                HistogramOpts::new(
-                    "sidekey_token_refresh_duration_seconds",
-                    "Token endpoint round trip.",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new("sidekey_token_refresh_duration_seconds", "Token endpoint round trip.")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
                 &["credential"],
             ),
         );
@@ -91,20 +87,14 @@ impl Metrics {
         let active_credential = register(
             r,
             IntGaugeVec::new(
-                Opts::new(
-                    "sidekey_active_credential",
-                    "1 for the credential in use, 0 for the others.",
-                ),
+                Opts::new("sidekey_active_credential", "1 for the credential in use, 0 for the others."),
                 &["credential"],
             ),
         );
         let credential_failovers_total = register(
             r,
             IntCounterVec::new(
-                Opts::new(
-                    "sidekey_credential_failovers_total",
-                    "Switches between credentials.",
-                ),
+                Opts::new("sidekey_credential_failovers_total", "Switches between credentials."),
                 &["from", "to"],
             ),
         );
@@ -118,10 +108,7 @@ impl Metrics {
         let requests_total = register(
             r,
             IntCounterVec::new(
-                Opts::new(
-                    "sidekey_requests_total",
-                    "Proxied requests by endpoint and HTTP status.",
-                ),
+                Opts::new("sidekey_requests_total", "Proxied requests by endpoint and HTTP status."),
                 &["endpoint", "code"],
             ),
         );
@@ -149,22 +136,14 @@ impl Metrics {
         );
         let upstream_unauthorized_total = register(
             r,
-            IntCounter::new(
-                "sidekey_upstream_unauthorized_total",
-                "401 responses from upstream.",
-            ),
+            IntCounter::new("sidekey_upstream_unauthorized_total", "401 responses from upstream."),
         );
         let request_replays_total = register(
             r,
-            IntCounter::new(
-                "sidekey_request_replays_total",
-                "Requests replayed after a forced refresh.",
-            ),
+            IntCounter::new("sidekey_request_replays_total", "Requests replayed after a forced refresh."),
         );
-        let inflight_requests = register(
-            r,
-            IntGauge::new("sidekey_inflight_requests", "Requests in progress."),
-        );
+        let inflight_requests =
+            register(r, IntGauge::new("sidekey_inflight_requests", "Requests in progress."));
         let refresher_panics_total = register(
             r,
             IntCounter::new(
@@ -172,13 +151,20 @@ impl Metrics {
                 "Token fetch tasks that panicked (caught; the refresher went on).",
             ),
         );
-        let build_info = register(
+        let queue_depth = register(
             r,
-            IntGaugeVec::new(Opts::new("sidekey_build_info", "Always 1."), &["version"]),
+            IntGauge::new("sidekey_queue_depth", "Requests waiting for a server.max_inflight slot."),
         );
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        let queue_rejections_total = register(
+            r,
+            IntCounter::new(
+                "sidekey_queue_rejections_total",
+                "Requests answered 429 after waiting server.queue_timeout_ms for a slot.",
+            ),
+        );
+        let build_info =
+            register(r, IntGaugeVec::new(Opts::new("sidekey_build_info", "Always 1."), &["version"]));
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
         for name in credentials {
             active_credential.with_label_values(&[name]).set(0);
@@ -187,14 +173,10 @@ impl Metrics {
                 token_refresh_total.with_label_values(&[name.as_str(), result]);
             }
         }
-        let request_duration = Endpoint::ALL
-            .iter()
-            .map(|e| request_duration_vec.with_label_values(&[e.as_str()]))
-            .collect();
-        let upstream_response = Endpoint::ALL
-            .iter()
-            .map(|e| upstream_response_vec.with_label_values(&[e.as_str()]))
-            .collect();
+        let request_duration =
+            Endpoint::ALL.iter().map(|e| request_duration_vec.with_label_values(&[e.as_str()])).collect();
+        let upstream_response =
+            Endpoint::ALL.iter().map(|e| upstream_response_vec.with_label_values(&[e.as_str()])).collect();
 
         Metrics(Arc::new(Inner {
             registry,
@@ -212,6 +194,8 @@ impl Metrics {
             request_replays_total,
             inflight_requests,
             refresher_panics_total,
+            queue_depth,
+            queue_rejections_total,
         }))
     }
 
@@ -226,9 +210,7 @@ impl Metrics {
     /// Marks `active` as the credential in use.
     pub fn set_active_credential(&self, names: &[String], active: usize) {
         for (i, name) in names.iter().enumerate() {
-            self.active_credential
-                .with_label_values(&[name])
-                .set(i64::from(i == active));
+            self.active_credential.with_label_values(&[name]).set(i64::from(i == active));
         }
     }
 
@@ -247,9 +229,7 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(
 ) -> M {
     // Names and labels are constants above; failure here is a programming error caught by tests.
     let metric = metric.expect("metric definition is valid");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric names are unique");
+    registry.register(Box::new(metric.clone())).expect("metric names are unique");
     metric
 }
 
@@ -261,9 +241,7 @@ mod tests {
     fn renders_every_contract_metric() {
         let m = Metrics::new(&["primary".into(), "backup".into()]);
         m.requests_total.with_label_values(&["models", "200"]).inc();
-        m.credential_failovers_total
-            .with_label_values(&["primary", "backup"])
-            .inc();
+        m.credential_failovers_total.with_label_values(&["primary", "backup"]).inc();
         m.request_duration(Endpoint::Models).observe(0.001);
         m.upstream_response(Endpoint::Models).observe(0.001);
         let text = m.render();

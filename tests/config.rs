@@ -9,11 +9,8 @@ use sidekey::Config;
 const BIN: &str = env!("CARGO_BIN_EXE_sidekey");
 
 fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "sidekey-config-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("sidekey-config-{}-{}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -22,9 +19,7 @@ fn temp_config(name: &str, text: &str) -> PathBuf {
 
 fn sidekey(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -32,10 +27,7 @@ fn sidekey(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 const VALID: &str = r#"
@@ -90,17 +82,11 @@ fn a_named_file_must_exist() {
 
 #[test]
 fn non_loopback_needs_an_explicit_opt_in() {
-    let path = temp_config(
-        "open.toml",
-        &VALID.replace("127.0.0.1:1111", "0.0.0.0:8181"),
-    );
+    let path = temp_config("open.toml", &VALID.replace("127.0.0.1:1111", "0.0.0.0:8181"));
     let out = sidekey(&["--config", path.to_str().unwrap()], &[]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(64));
-    assert!(
-        stderr.contains("server.listen") && stderr.contains("allow_non_loopback"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("server.listen") && stderr.contains("allow_non_loopback"), "{stderr}");
 }
 
 #[test]
@@ -147,13 +133,7 @@ fn env_overrides_file_and_evolution_names_work() {
 
 #[test]
 fn evolution_names_alone_are_enough() {
-    let out = sidekey(
-        &["check"],
-        &[
-            ("EVOLUTION_KEY_ID", "KEYID-env"),
-            ("EVOLUTION_SECRET", "SECRET-env"),
-        ],
-    );
+    let out = sidekey(&["check"], &[("EVOLUTION_KEY_ID", "KEYID-env"), ("EVOLUTION_SECRET", "SECRET-env")]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stdout.contains("name = \"primary\""));
@@ -185,11 +165,7 @@ fn the_example_config_documents_every_key_and_loads() {
                 continue;
             }
             let documented = example_table.get(section).and_then(|s| s.get(key));
-            assert_eq!(
-                documented,
-                Some(default),
-                "[{section}] {key} documented with its default"
-            );
+            assert_eq!(documented, Some(default), "[{section}] {key} documented with its default");
         }
     }
     // Optional keys appear commented out.
@@ -201,7 +177,5 @@ fn the_example_config_documents_every_key_and_loads() {
         (c.key_id_file, c.secret_file) = (None, None);
         (c.key_id, c.secret) = (Some("k".into()), Some("s".into()));
     }
-    inline
-        .validate()
-        .expect("the example validates once its files exist");
+    inline.validate().expect("the example validates once its files exist");
 }

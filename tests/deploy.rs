@@ -42,16 +42,9 @@ fn with_inline_credentials(config: &Config) -> Config {
 fn deploy_configs_are_accepted() {
     for rel in DEPLOY_CONFIGS {
         let config = parse(rel);
-        with_inline_credentials(&config)
-            .validate()
-            .unwrap_or_else(|e| panic!("{rel}: {e}"));
+        with_inline_credentials(&config).validate().unwrap_or_else(|e| panic!("{rel}: {e}"));
 
-        let names: Vec<&str> = config
-            .auth
-            .credentials
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
+        let names: Vec<&str> = config.auth.credentials.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["primary", "backup"], "{rel}");
         for cred in &config.auth.credentials {
             // Files only: rotation works by re-reading them; an inline secret in a ConfigMap
@@ -62,14 +55,8 @@ fn deploy_configs_are_accepted() {
                 cred.name
             );
             for file in [&cred.key_id_file, &cred.secret_file] {
-                let file = file
-                    .as_ref()
-                    .unwrap_or_else(|| panic!("{rel}: {} lacks a file", cred.name));
-                assert!(
-                    file.starts_with(SECRETS_DIR),
-                    "{rel}: {} is outside {SECRETS_DIR}",
-                    file.display()
-                );
+                let file = file.as_ref().unwrap_or_else(|| panic!("{rel}: {} lacks a file", cred.name));
+                assert!(file.starts_with(SECRETS_DIR), "{rel}: {} is outside {SECRETS_DIR}", file.display());
             }
         }
 
@@ -103,8 +90,5 @@ fn classic_sidecar_config_differs_from_base_only_in_shutdown_keys() {
     let (normalized, base) = (normalized.to_redacted_toml(), base.to_redacted_toml());
     // A config that cannot be rendered comes back as a comment, which would compare equal.
     assert!(base.contains("[server]"), "{base}");
-    assert_eq!(
-        normalized, base,
-        "{CLASSIC} drifted from {BASE} beyond the two classic-sidecar keys"
-    );
+    assert_eq!(normalized, base, "{CLASSIC} drifted from {BASE} beyond the two classic-sidecar keys");
 }

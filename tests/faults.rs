@@ -37,26 +37,16 @@ async fn iam_outage_longer_than_the_token_life() {
             200 => ok += 1,
             503 => {
                 unavailable += 1;
-                let retry: u64 = resp.headers()["retry-after"]
-                    .to_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
                 assert!((1..=5).contains(&retry), "Retry-After {retry}");
                 let json: serde_json::Value = resp.json().await.unwrap();
-                assert!(json["error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("IAM answered 503"));
+                assert!(json["error"]["message"].as_str().unwrap().contains("IAM answered 503"));
             }
             other => panic!("unexpected {other}"),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        ok > 0 && unavailable > 0,
-        "served while valid, then 503: ok={ok} 503={unavailable}"
-    );
+    assert!(ok > 0 && unavailable > 0, "served while valid, then 503: ok={ok} 503={unavailable}");
     iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(3600)));
     let back = Instant::now();
     loop {
@@ -73,11 +63,7 @@ async fn iam_outage_longer_than_the_token_life() {
     );
     // One backoff step (at most backoff_max_ms = 400 ms) plus a little scheduling slack.
     assert!(recovered < Duration::from_millis(700), "{recovered:?}");
-    assert_eq!(
-        up.seen().iter().filter(|s| s.bearer().is_none()).count(),
-        0,
-        "never unauthenticated"
-    );
+    assert_eq!(up.seen().iter().filter(|s| s.bearer().is_none()).count(), 0, "never unauthenticated");
 }
 
 #[tokio::test]
@@ -90,28 +76,16 @@ async fn a_hanging_iam_leaves_no_stuck_tasks() {
     cfg.auth.backoff_max_ms = 100;
     let sc = start_sidecar(cfg).await;
     let metrics = sc.metrics.clone();
-    let failures = || {
-        metrics
-            .token_refresh_total
-            .with_label_values(&["primary", "failure"])
-            .get()
-    };
+    let failures = || metrics.token_refresh_total.with_label_values(&["primary", "failure"]).get();
     eventually("two timeouts", || failures() >= 2).await;
-    let tasks_before = tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks();
+    let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
     eventually("four more timeouts", || failures() >= 6).await;
-    let tasks_after = tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks();
+    let tasks_after = tokio::runtime::Handle::current().metrics().num_alive_tasks();
     println!(
         "figures: hanging IAM: {} timed-out fetches, alive tasks {tasks_before} -> {tasks_after}",
         failures()
     );
-    assert!(
-        tasks_after <= tasks_before + 2,
-        "tasks pile up: {tasks_before} -> {tasks_after}"
-    );
+    assert!(tasks_after <= tasks_before + 2, "tasks pile up: {tasks_before} -> {tasks_after}");
     iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(3600)));
     sc.ready().await;
 }
@@ -125,8 +99,7 @@ fn sse(events: Vec<Result<&'static str, &'static str>>, gap: Duration) -> http::
         }
     });
     let mut resp = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
-    resp.headers_mut()
-        .insert("content-type", "text/event-stream".parse().unwrap());
+    resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
     resp
 }
 
@@ -137,25 +110,13 @@ async fn upstream_reset_mid_stream_truncates_and_sidekey_keeps_serving() {
         if req.uri().path().ends_with("models") {
             return json_response(200, "{}");
         }
-        sse(
-            vec![
-                Ok("data: 1\n\n"),
-                Ok("data: 2\n\n"),
-                Err("connection reset"),
-            ],
-            Duration::from_millis(50),
-        )
+        sse(vec![Ok("data: 1\n\n"), Ok("data: 2\n\n"), Err("connection reset")], Duration::from_millis(50))
     })
     .await;
     let sc = start_sidecar(config(&iam, &up.base_url())).await;
     sc.ready().await;
     let c = client();
-    let resp = c
-        .post(sc.url("/v1/chat/completions"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let resp = c.post(sc.url("/v1/chat/completions")).body("{}").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut text = String::new();
@@ -174,41 +135,21 @@ async fn upstream_reset_mid_stream_truncates_and_sidekey_keeps_serving() {
         text.matches("data:").count(),
         if cut { "an error" } else { "a clean end" }
     );
-    assert!(
-        cut,
-        "the client must see the stream was cut, not a clean end"
-    );
+    assert!(cut, "the client must see the stream was cut, not a clean end");
     assert_eq!(text, "data: 1\n\ndata: 2\n\n");
-    assert_eq!(
-        c.get(sc.url("/v1/models")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(c.get(sc.url("/v1/models")).send().await.unwrap().status(), 200);
     let metrics = sc.metrics.clone();
-    eventually("in-flight back to 0", || {
-        metrics.inflight_requests.get() == 0
-    })
-    .await;
+    eventually("in-flight back to 0", || metrics.inflight_requests.get() == 0).await;
 }
 
 #[tokio::test]
 async fn upstream_429_and_5xx_pass_through_unchanged() {
     let iam = FakeIam::start().await;
     let up = FakeUpstream::start(|req| async move {
-        let status: u16 = req
-            .uri()
-            .query()
-            .and_then(|q| q.strip_prefix("status="))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let mut resp = json_response(
-            status,
-            r#"{"error":{"message":"from upstream","type":"rate_limit"}}"#,
-        );
-        resp.headers_mut()
-            .insert("retry-after", "7".parse().unwrap());
-        resp.headers_mut()
-            .insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+        let status: u16 = req.uri().query().and_then(|q| q.strip_prefix("status=")).unwrap().parse().unwrap();
+        let mut resp = json_response(status, r#"{"error":{"message":"from upstream","type":"rate_limit"}}"#);
+        resp.headers_mut().insert("retry-after", "7".parse().unwrap());
+        resp.headers_mut().insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
         resp
     })
     .await;
@@ -230,31 +171,21 @@ async fn upstream_429_and_5xx_pass_through_unchanged() {
         );
     }
     assert_eq!(up.count(), 4, "no retries by sidekey");
-    assert_eq!(
-        sc.metric(r#"sidekey_requests_total{code="429",endpoint="chat_completions"}"#),
-        1.0
-    );
+    assert_eq!(sc.metric(r#"sidekey_requests_total{code="429",endpoint="chat_completions"}"#), 1.0);
 }
 
 /// Token churn: tokens living 3 s, 8 clients without pause. `SIDEKEY_CHURN_SECS` sets the length
 /// (default 30 s, the figure in the README).
 #[tokio::test]
 async fn token_churn_under_load() {
-    let secs: u64 = std::env::var("SIDEKEY_CHURN_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let secs: u64 = std::env::var("SIDEKEY_CHURN_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     let iam = FakeIam::start().await;
     iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(3)));
     let expired = Arc::new(AtomicU64::new(0));
     let (iam2, exp2) = (iam.clone(), Arc::clone(&expired));
     let up = FakeUpstream::start(move |req| {
-        let token = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let token =
+            req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let valid = token
             .strip_prefix("Bearer ")
             .and_then(|t| iam2.lookup(t))
@@ -279,22 +210,13 @@ async fn token_churn_under_load() {
     let end = Instant::now() + Duration::from_secs(secs);
     let tasks: Vec<_> = (0..8)
         .map(|_| {
-            let (url, sent, failed) = (
-                sc.url("/v1/chat/completions"),
-                Arc::clone(&sent),
-                Arc::clone(&failed),
-            );
+            let (url, sent, failed) =
+                (sc.url("/v1/chat/completions"), Arc::clone(&sent), Arc::clone(&failed));
             tokio::spawn(async move {
                 let c = client();
                 while Instant::now() < end {
                     sent.fetch_add(1, Ordering::Relaxed);
-                    if !c
-                        .post(&url)
-                        .body("{}")
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status() == 200)
-                    {
+                    if !c.post(&url).body("{}").send().await.is_ok_and(|r| r.status() == 200) {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -302,10 +224,7 @@ async fn token_churn_under_load() {
         })
         .collect();
     for t in tasks {
-        timeout(Duration::from_secs(secs) + WAIT, t)
-            .await
-            .unwrap()
-            .unwrap();
+        timeout(Duration::from_secs(secs) + WAIT, t).await.unwrap().unwrap();
     }
     let fetches = iam.call_count();
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));

@@ -16,16 +16,10 @@ async fn status_line(addr: std::net::SocketAddr, request: &[u8]) -> String {
     let _ = s.write_all(request).await;
     let mut buf = Vec::new();
     let _ = timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    String::from_utf8_lossy(&buf)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    String::from_utf8_lossy(&buf).lines().next().unwrap_or_default().to_string()
 }
 
-async fn sidecar_with(
-    tweak: impl FnOnce(&mut sidekey::Config),
-) -> (Sidecar, FakeUpstream, FakeIam) {
+async fn sidecar_with(tweak: impl FnOnce(&mut sidekey::Config)) -> (Sidecar, FakeUpstream, FakeIam) {
     let iam = FakeIam::start().await;
     let up = FakeUpstream::ok().await;
     let mut cfg = config(&iam, &up.base_url());
@@ -36,15 +30,7 @@ async fn sidecar_with(
 }
 
 async fn still_serving(sc: &Sidecar) {
-    assert_eq!(
-        client()
-            .get(sc.url("/v1/models"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(client().get(sc.url("/v1/models")).send().await.unwrap().status(), 200);
 }
 
 #[tokio::test]
@@ -52,31 +38,18 @@ async fn malformed_and_oversized_requests_get_a_clear_4xx() {
     let (sc, up, _iam) = sidecar_with(|c| c.server.max_headers = 20).await;
     let mut cases = vec![
         ("garbage", b"GARBAGE\r\n\r\n".to_vec(), "400"),
-        (
-            "bad version",
-            b"GET /v1/models HTTP/9.9\r\n\r\n".to_vec(),
-            "400",
-        ),
-        (
-            "header without colon",
-            b"GET /v1/models HTTP/1.1\r\nHost x\r\n\r\n".to_vec(),
-            "400",
-        ),
+        ("bad version", b"GET /v1/models HTTP/9.9\r\n\r\n".to_vec(), "400"),
+        ("header without colon", b"GET /v1/models HTTP/1.1\r\nHost x\r\n\r\n".to_vec(), "400"),
         (
             "bad content-length",
             b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
             "400",
         ),
     ];
-    let long_uri = format!(
-        "GET /v1/{} HTTP/1.1\r\nHost: x\r\n\r\n",
-        "a".repeat(100 * 1024)
-    );
+    let long_uri = format!("GET /v1/{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100 * 1024));
     cases.push(("request line over the limit", long_uri.into_bytes(), "431"));
-    let big_header = format!(
-        "GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "b".repeat(100 * 1024)
-    );
+    let big_header =
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "b".repeat(100 * 1024));
     cases.push(("header over the limit", big_header.into_bytes(), "431"));
     let many: String = (0..30).map(|i| format!("X-H{i}: v\r\n")).collect();
     cases.push((
@@ -88,10 +61,7 @@ async fn malformed_and_oversized_requests_get_a_clear_4xx() {
     for (name, request, want) in cases {
         let line = status_line(sc.proxy, &request).await;
         figures.push(format!("{name}: {line}"));
-        assert!(
-            line.starts_with(&format!("HTTP/1.1 {want}")),
-            "{name}: got {line:?}"
-        );
+        assert!(line.starts_with(&format!("HTTP/1.1 {want}")), "{name}: got {line:?}");
     }
     println!("figures: hostile input: {}", figures.join("; "));
     assert_eq!(up.count(), 0);
@@ -102,9 +72,7 @@ async fn malformed_and_oversized_requests_get_a_clear_4xx() {
 async fn slow_headers_are_cut_off() {
     let (sc, _up, _iam) = sidecar_with(|c| c.server.header_read_timeout_secs = 1).await;
     let mut s = TcpStream::connect(sc.proxy).await.unwrap();
-    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let start = Instant::now();
     let mut buf = Vec::new();
     // Trickle a byte now and then; the deadline is for the whole header.
@@ -122,16 +90,11 @@ async fn slow_headers_are_cut_off() {
             }
         }
     };
-    timeout(Duration::from_secs(10), read)
-        .await
-        .expect("connection closed by sidekey");
+    timeout(Duration::from_secs(10), read).await.expect("connection closed by sidekey");
     let took = start.elapsed();
     println!(
         "figures: slowloris: closed after {took:?} ({})",
-        String::from_utf8_lossy(&buf)
-            .lines()
-            .next()
-            .unwrap_or("no response")
+        String::from_utf8_lossy(&buf).lines().next().unwrap_or("no response")
     );
     assert!(took < Duration::from_secs(3), "{took:?}");
     still_serving(&sc).await;
@@ -153,16 +116,11 @@ async fn a_connection_flood_is_bounded_and_queued() {
         (status, start.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !queued.is_finished(),
-        "the ninth connection waits for a slot"
-    );
+    assert!(!queued.is_finished(), "the ninth connection waits for a slot");
     drop(idle.pop());
     let (status, waited) = timeout(WAIT, queued).await.unwrap().unwrap();
     assert_eq!(status, 200);
-    println!(
-        "figures: connection flood: max_connections=8, 9th request queued {waited:?} then served"
-    );
+    println!("figures: connection flood: max_connections=8, 9th request queued {waited:?} then served");
     drop(idle);
 }
 
@@ -187,9 +145,6 @@ async fn many_idle_keep_alive_connections_do_not_block_others() {
     for _ in 0..20 {
         still_serving(&sc).await;
     }
-    println!(
-        "figures: 500 idle connections held; 20 requests served in {:?}",
-        start.elapsed()
-    );
+    println!("figures: 500 idle connections held; 20 requests served in {:?}", start.elapsed());
     drop(idle);
 }

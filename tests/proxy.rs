@@ -28,12 +28,7 @@ async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
 
 async fn echo_upstream() -> FakeUpstream {
     FakeUpstream::start(|req| async move {
-        let len = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes().len())
-            .unwrap_or(0);
+        let len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
         json_response(200, &format!("{{\"received\":{len}}}"))
     })
     .await
@@ -55,19 +50,11 @@ async fn maps_paths_and_queries_for_every_method() {
         ("PUT", "/v1/anything/else?x=1"),
         ("GET", "/v1/models/GigaChat/GigaChat-2-Max"),
     ] {
-        let resp = c
-            .request(method.parse().unwrap(), sc.url(path))
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
+        let resp = c.request(method.parse().unwrap(), sc.url(path)).body("{}").send().await.unwrap();
         assert_eq!(resp.status(), 200, "{method} {path}");
     }
-    let seen: Vec<(String, String)> = up
-        .seen()
-        .iter()
-        .map(|s| (s.method.to_string(), s.uri.clone()))
-        .collect();
+    let seen: Vec<(String, String)> =
+        up.seen().iter().map(|s| (s.method.to_string(), s.uri.clone())).collect();
     assert_eq!(
         seen,
         [
@@ -75,10 +62,7 @@ async fn maps_paths_and_queries_for_every_method() {
             ("POST", "/api/gigacube/openai/v1/chat/completions"),
             ("DELETE", "/api/gigacube/openai/v1/files/file-123"),
             ("PUT", "/api/gigacube/openai/v1/anything/else?x=1"),
-            (
-                "GET",
-                "/api/gigacube/openai/v1/models/GigaChat/GigaChat-2-Max"
-            ),
+            ("GET", "/api/gigacube/openai/v1/models/GigaChat/GigaChat-2-Max"),
         ]
         .map(|(m, u)| (m.to_string(), u.to_string()))
     );
@@ -102,22 +86,14 @@ async fn header_hygiene() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = &up.seen()[0];
     let token = seen.bearer().expect("bearer token");
-    assert!(
-        iam.lookup(token).is_some(),
-        "upstream got the IAM token, not the client's key"
-    );
+    assert!(iam.lookup(token).is_some(), "upstream got the IAM token, not the client's key");
     assert_eq!(seen.headers.get_all("authorization").iter().count(), 1);
     for gone in ["x-hop-secret", "keep-alive", "proxy-authorization", "te"] {
-        assert!(
-            !seen.headers.contains_key(gone),
-            "{gone} must not reach upstream"
-        );
+        assert!(!seen.headers.contains_key(gone), "{gone} must not reach upstream");
     }
-    for (kept, value) in [
-        ("x-stainless-lang", "python"),
-        ("openai-organization", "org-1"),
-        ("x-request-id", "req-42"),
-    ] {
+    for (kept, value) in
+        [("x-stainless-lang", "python"), ("openai-organization", "org-1"), ("x-request-id", "req-42")]
+    {
         assert_eq!(seen.headers[kept], value);
     }
     assert_eq!(seen.headers["host"], up.addr.to_string());
@@ -136,26 +112,17 @@ async fn sse_chunks_arrive_one_by_one() {
                 tokio::time::sleep(gap).await;
             }
             let chunk = Bytes::from(format!("data: {{\"i\":{i}}}\n\n"));
-            Some((
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk)),
-                i + 1,
-            ))
+            Some((Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk)), i + 1))
         });
         let mut resp = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
-        resp.headers_mut()
-            .insert("content-type", "text/event-stream".parse().unwrap());
+        resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
         resp
     })
     .await;
     let sc = start_sidecar(config(&iam, &up.base_url())).await;
     sc.ready().await;
     let start = Instant::now();
-    let resp = client()
-        .post(sc.url("/v1/chat/completions"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let resp = client().post(sc.url("/v1/chat/completions")).body("{}").send().await.unwrap();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut arrivals = Vec::new();
     let mut body = String::new();
@@ -165,21 +132,11 @@ async fn sse_chunks_arrive_one_by_one() {
         body.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
     assert_eq!(body.matches("data: ").count(), 5);
-    assert_eq!(
-        arrivals.len(),
-        5,
-        "each event arrives on its own: {arrivals:?}"
-    );
+    assert_eq!(arrivals.len(), 5, "each event arrives on its own: {arrivals:?}");
     for pair in arrivals.windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_millis(100),
-            "events were held back: {arrivals:?}"
-        );
+        assert!(pair[1] - pair[0] >= Duration::from_millis(100), "events were held back: {arrivals:?}");
     }
-    assert!(
-        arrivals[0] < Duration::from_millis(500),
-        "first event late: {arrivals:?}"
-    );
+    assert!(arrivals[0] < Duration::from_millis(500), "first event late: {arrivals:?}");
 }
 
 #[tokio::test]
@@ -193,17 +150,10 @@ async fn large_chunked_upload_is_streamed_through() {
     let body = futures_util::stream::iter(
         (0..CHUNKS).map(|i| Ok::<_, std::io::Error>(Bytes::from(vec![i as u8; CHUNK]))),
     );
-    let resp = client()
-        .post(sc.url("/v1/files"))
-        .body(reqwest::Body::wrap_stream(body))
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        client().post(sc.url("/v1/files")).body(reqwest::Body::wrap_stream(body)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.text().await.unwrap(),
-        format!("{{\"received\":{}}}", CHUNK * CHUNKS)
-    );
+    assert_eq!(resp.text().await.unwrap(), format!("{{\"received\":{}}}", CHUNK * CHUNKS));
 }
 
 #[tokio::test]
@@ -216,39 +166,23 @@ async fn body_over_the_limit_is_413_with_and_without_content_length() {
     let sc = start_sidecar(cfg).await;
     sc.ready().await;
     let c = client();
-    let resp = c
-        .post(sc.url("/v1/files"))
-        .body(vec![0u8; 1024 * 1024 + 1])
-        .send()
-        .await
-        .unwrap();
+    let resp = c.post(sc.url("/v1/files")).body(vec![0u8; 1024 * 1024 + 1]).send().await.unwrap();
     assert_eq!(resp.status(), 413);
     let json: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(json["error"]["code"], "request_too_large");
-    assert_eq!(
-        up.count(),
-        0,
-        "rejected on Content-Length before going upstream"
-    );
+    assert_eq!(up.count(), 0, "rejected on Content-Length before going upstream");
 
     let chunks = futures_util::stream::iter(
         (0..40).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![1u8; 64 * 1024]))),
     );
-    let resp = c
-        .post(sc.url("/v1/files"))
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await;
+    let resp = c.post(sc.url("/v1/files")).body(reqwest::Body::wrap_stream(chunks)).send().await;
     match resp {
         Ok(resp) => assert_eq!(resp.status(), 413),
         // The server may close while the client is still sending; that is a clean refusal too.
         Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
     }
     // sidekey keeps serving.
-    assert_eq!(
-        c.get(sc.url("/v1/models")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(c.get(sc.url("/v1/models")).send().await.unwrap().status(), 200);
 }
 
 #[tokio::test]
@@ -257,19 +191,12 @@ async fn outside_v1_is_404_with_a_hint() {
     let up = FakeUpstream::ok().await;
     let sc = start_sidecar(config(&iam, &up.base_url())).await;
     sc.ready().await;
-    let resp = client()
-        .get(sc.url("/chat/completions"))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(sc.url("/chat/completions")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     let json: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(json["error"]["type"], "sidekey_error");
     let message = json["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains(&format!("http://{}/v1", sc.proxy)),
-        "{message}"
-    );
+    assert!(message.contains(&format!("http://{}/v1", sc.proxy)), "{message}");
     assert_eq!(up.count(), 0);
 }
 
@@ -279,25 +206,18 @@ async fn not_an_open_proxy_and_no_path_escape() {
     let up = FakeUpstream::ok().await;
     let sc = start_sidecar(config(&iam, &up.base_url())).await;
     sc.ready().await;
-    let absolute = raw(sc.proxy, b"GET http://example.com/v1/models HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n").await;
-    assert!(absolute.starts_with("HTTP/1.1 400"), "{absolute}");
-    let connect = raw(
+    let absolute = raw(
         sc.proxy,
-        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        b"GET http://example.com/v1/models HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
     )
     .await;
+    assert!(absolute.starts_with("HTTP/1.1 400"), "{absolute}");
+    let connect = raw(sc.proxy, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n").await;
     assert!(connect.starts_with("HTTP/1.1 400"), "{connect}");
-    for path in [
-        "/v1/../admin",
-        "/v1/%2e%2e/admin",
-        "/v1/models/..%2f..%2fadmin",
-    ] {
+    for path in ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/models/..%2f..%2fadmin"] {
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let resp = raw(sc.proxy, req.as_bytes()).await;
-        assert!(
-            resp.starts_with("HTTP/1.1 400") || resp.starts_with("HTTP/1.1 404"),
-            "{path}: {resp}"
-        );
+        assert!(resp.starts_with("HTTP/1.1 400") || resp.starts_with("HTTP/1.1 404"), "{path}: {resp}");
     }
     assert_eq!(up.count(), 0, "nothing reached upstream");
 }
@@ -313,11 +233,7 @@ async fn unreachable_upstream_is_a_fast_502() {
     let start = Instant::now();
     let resp = client().get(sc.url("/v1/models")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
     let json: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(json["error"]["code"], "upstream_unreachable");
 }
@@ -338,10 +254,7 @@ async fn silent_upstream_is_504() {
     let resp = client().get(sc.url("/v1/models")).send().await.unwrap();
     assert_eq!(resp.status(), 504);
     let elapsed = start.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
-        "{elapsed:?}"
-    );
+    assert!(elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5), "{elapsed:?}");
 }
 
 /// Signals when dropped: the upstream handler or stream it lives in was cancelled.
@@ -373,15 +286,14 @@ async fn client_disconnect_cancels_the_upstream_call() {
             let stream = futures_util::stream::unfold(guard, |g| async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Some((
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(
-                        Bytes::from_static(b"data: {}\n\n"),
-                    )),
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from_static(
+                        b"data: {}\n\n",
+                    ))),
                     g,
                 ))
             });
             let mut resp = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
-            resp.headers_mut()
-                .insert("content-type", "text/event-stream".parse().unwrap());
+            resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
             resp
         }
     })
@@ -395,32 +307,19 @@ async fn client_disconnect_cancels_the_upstream_call() {
     let pending = c.get(sc.url("/v1/wait")).send();
     let _ = timeout(Duration::from_millis(300), pending).await;
     let cancelled = rx.lock().await.recv().await.unwrap();
-    timeout(WAIT, cancelled)
-        .await
-        .expect("upstream call cancelled")
-        .ok();
+    timeout(WAIT, cancelled).await.expect("upstream call cancelled").ok();
 
     // 2. The client drops a stream after two events.
     let resp = c.get(sc.url("/v1/stream")).send().await.unwrap();
     let mut stream = resp.bytes_stream();
     for _ in 0..2 {
-        timeout(WAIT, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        timeout(WAIT, stream.next()).await.unwrap().unwrap().unwrap();
     }
     drop(stream);
     let cancelled = rx.lock().await.recv().await.unwrap();
-    timeout(WAIT, cancelled)
-        .await
-        .expect("upstream stream cancelled")
-        .ok();
+    timeout(WAIT, cancelled).await.expect("upstream stream cancelled").ok();
     let metrics = sc.metrics.clone();
-    eventually("in-flight back to 0", || {
-        metrics.inflight_requests.get() == 0
-    })
-    .await;
+    eventually("in-flight back to 0", || metrics.inflight_requests.get() == 0).await;
 }
 
 #[tokio::test]
@@ -429,12 +328,7 @@ async fn h2c_clients_are_served() {
     let up = FakeUpstream::ok().await;
     let sc = start_sidecar(config(&iam, &up.base_url())).await;
     sc.ready().await;
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .unwrap();
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().no_proxy().timeout(WAIT).build().unwrap();
     let resp = h2.get(sc.url("/v1/models")).send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
@@ -449,70 +343,24 @@ async fn requests_and_durations_are_counted() {
     sc.ready().await;
     let c = client();
     for _ in 0..3 {
-        assert_eq!(
-            c.post(sc.url("/v1/embeddings"))
-                .body("{}")
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(c.post(sc.url("/v1/embeddings")).body("{}").send().await.unwrap().status(), 200);
     }
     assert_eq!(c.get(sc.url("/nope")).send().await.unwrap().status(), 404);
-    let text = c
-        .get(sc.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        metric_value(
-            &text,
-            r#"sidekey_requests_total{code="200",endpoint="embeddings"}"#
-        ),
-        3.0
-    );
-    assert_eq!(
-        metric_value(
-            &text,
-            r#"sidekey_requests_total{code="404",endpoint="other"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric_value(
-            &text,
-            r#"sidekey_request_duration_seconds_count{endpoint="embeddings"}"#
-        ),
-        3.0
-    );
-    assert_eq!(
-        metric_value(
-            &text,
-            r#"sidekey_upstream_response_seconds_count{endpoint="embeddings"}"#
-        ),
-        3.0
-    );
+    let text = c.get(sc.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric_value(&text, r#"sidekey_requests_total{code="200",endpoint="embeddings"}"#), 3.0);
+    assert_eq!(metric_value(&text, r#"sidekey_requests_total{code="404",endpoint="other"}"#), 1.0);
+    assert_eq!(metric_value(&text, r#"sidekey_request_duration_seconds_count{endpoint="embeddings"}"#), 3.0);
+    assert_eq!(metric_value(&text, r#"sidekey_upstream_response_seconds_count{endpoint="embeddings"}"#), 3.0);
     assert_eq!(metric_value(&text, "sidekey_inflight_requests"), 0.0);
-    assert_eq!(
-        metric_value(&text, r#"sidekey_build_info{version="0.1.0"}"#),
-        1.0
-    );
+    assert_eq!(metric_value(&text, r#"sidekey_build_info{version="0.1.0"}"#), 1.0);
 }
 
 #[tokio::test]
 async fn a_real_openai_client_streams_and_not() {
     use async_openai::config::OpenAIConfig;
-    use async_openai::types::chat::{
-        ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
-    };
+    use async_openai::types::chat::{ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs};
 
-    let demo = sidekey::dev::DemoServers::start(Duration::from_secs(3600))
-        .await
-        .unwrap();
+    let demo = sidekey::dev::DemoServers::start(Duration::from_secs(3600)).await.unwrap();
     let mut cfg = sidekey::Config::default();
     cfg.server.listen = "127.0.0.1:0".parse().unwrap();
     cfg.server.admin_listen = "127.0.0.1:0".parse().unwrap();
@@ -521,9 +369,7 @@ async fn a_real_openai_client_streams_and_not() {
     sc.ready().await;
 
     let openai = async_openai::Client::with_config(
-        OpenAIConfig::new()
-            .with_api_base(sc.url("/v1"))
-            .with_api_key("unused"),
+        OpenAIConfig::new().with_api_base(sc.url("/v1")).with_api_key("unused"),
     );
     let request = CreateChatCompletionRequestArgs::default()
         .model("demo/echo")
@@ -534,19 +380,10 @@ async fn a_real_openai_client_streams_and_not() {
             .into()])
         .build()
         .unwrap();
-    let resp = timeout(WAIT, openai.chat().create(request.clone()))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        resp.choices[0].message.content.as_deref(),
-        Some("echo: hello sidekey")
-    );
+    let resp = timeout(WAIT, openai.chat().create(request.clone())).await.unwrap().unwrap();
+    assert_eq!(resp.choices[0].message.content.as_deref(), Some("echo: hello sidekey"));
 
-    let mut stream = timeout(WAIT, openai.chat().create_stream(request))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut stream = timeout(WAIT, openai.chat().create_stream(request)).await.unwrap().unwrap();
     let mut text = String::new();
     let mut chunks = 0;
     while let Some(chunk) = timeout(WAIT, stream.next()).await.unwrap() {
@@ -573,12 +410,7 @@ async fn many_keep_alive_connections_are_fine() {
         tasks.push(tokio::spawn(async move {
             let c = client();
             for _ in 0..5 {
-                if c.get(&url)
-                    .send()
-                    .await
-                    .map(|r| r.status() == 200)
-                    .unwrap_or(false)
-                {
+                if c.get(&url).send().await.map(|r| r.status() == 200).unwrap_or(false) {
                     ok.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -588,4 +420,57 @@ async fn many_keep_alive_connections_are_fine() {
         timeout(WAIT, t).await.unwrap().unwrap();
     }
     assert_eq!(ok.load(Ordering::Relaxed), 250);
+}
+
+#[tokio::test]
+async fn max_inflight_queues_then_answers_429() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::start(|req| async move {
+        let delay: u64 = req.headers()["x-delay-ms"].to_str().unwrap().parse().unwrap();
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        json_response(200, "{}")
+    })
+    .await;
+    let mut cfg = config(&iam, &up.base_url());
+    cfg.server.max_inflight = Some(2);
+    cfg.server.queue_timeout_ms = 300;
+    let sc = start_sidecar(cfg).await;
+    sc.ready().await;
+    let send = |delay_ms: u64| {
+        let url = sc.url("/v1/chat/completions");
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let resp = client().post(url).header("x-delay-ms", delay_ms).body("{}").send().await.unwrap();
+            (resp, start.elapsed())
+        })
+    };
+
+    // Two slow requests hold both slots; a third waits 300 ms, then gets 429.
+    let (a, b) = (send(800), send(800));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = send(0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(sc.metric("sidekey_queue_depth"), 1.0, "the third request waits");
+    let (rejected, waited) = timeout(WAIT, c).await.unwrap().unwrap();
+    assert_eq!(rejected.status(), 429);
+    assert!(waited >= Duration::from_millis(280), "{waited:?}");
+    assert_eq!(rejected.headers()["retry-after"], "1");
+    let json: serde_json::Value = rejected.json().await.unwrap();
+    assert_eq!(json["error"]["code"], "too_many_requests");
+    for r in [a, b] {
+        assert_eq!(timeout(WAIT, r).await.unwrap().unwrap().0.status(), 200);
+    }
+    assert_eq!(sc.metric("sidekey_queue_rejections_total"), 1.0);
+    assert_eq!(sc.metric("sidekey_queue_depth"), 0.0);
+
+    // Short requests free a slot within the queue's budget: the third is served after waiting.
+    let (a, b) = (send(150), send(150));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (served, waited) = timeout(WAIT, send(0)).await.unwrap().unwrap();
+    assert_eq!(served.status(), 200);
+    assert!(waited >= Duration::from_millis(50), "it queued: {waited:?}");
+    for r in [a, b] {
+        assert_eq!(timeout(WAIT, r).await.unwrap().unwrap().0.status(), 200);
+    }
+    assert_eq!(up.count(), 5);
 }

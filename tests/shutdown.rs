@@ -28,10 +28,7 @@ struct Proc {
 
 impl Proc {
     fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .args(["-s", name, &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let ok = Command::new("kill").args(["-s", name, &self.child.id().to_string()]).status().unwrap();
         assert!(ok.success());
     }
 
@@ -57,11 +54,8 @@ impl Drop for Proc {
 
 /// Starts the binary on port 0 with JSON logs and reads the bound addresses from its startup line.
 async fn spawn(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
-    let dir = std::env::temp_dir().join(format!(
-        "sidekey-shutdown-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("sidekey-shutdown-{}-{}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("sidekey.toml");
     std::fs::write(
@@ -112,13 +106,7 @@ async fn spawn(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
     let c = client();
     let url = format!("http://{}/readyz", proc.admin);
     let deadline = Instant::now() + WAIT;
-    while c
-        .get(&url)
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
+    while c.get(&url).send().await.map(|r| r.status() != 200).unwrap_or(true) {
         assert!(Instant::now() < deadline, "sidekey never became ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -134,15 +122,14 @@ async fn sse_upstream(n: u32, gap: Duration) -> FakeUpstream {
             }
             tokio::time::sleep(gap).await;
             Some((
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(
-                    format!("data: {i}\n\n"),
-                ))),
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(format!(
+                    "data: {i}\n\n"
+                )))),
                 i + 1,
             ))
         });
         let mut resp = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
-        resp.headers_mut()
-            .insert("content-type", "text/event-stream".parse().unwrap());
+        resp.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
         resp
     })
     .await
@@ -151,10 +138,7 @@ async fn sse_upstream(n: u32, gap: Duration) -> FakeUpstream {
 async fn read_all(resp: reqwest::Response) -> (String, bool) {
     let mut stream = resp.bytes_stream();
     let mut text = String::new();
-    while let Some(chunk) = timeout(WAIT, stream.next())
-        .await
-        .expect("stream progresses")
-    {
+    while let Some(chunk) = timeout(WAIT, stream.next()).await.expect("stream progresses") {
         match chunk {
             Ok(b) => text.push_str(&String::from_utf8_lossy(&b)),
             Err(_) => return (text, false),
@@ -169,23 +153,14 @@ async fn sigterm_drains_an_sse_stream_then_exits_0() {
     let up = sse_upstream(10, Duration::from_millis(100)).await;
     let mut p = spawn(&iam, &up.base_url(), "shutdown_grace_secs = 10").await;
     let c = client();
-    let resp = c
-        .post(format!("http://{}/v1/chat/completions", p.proxy))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let resp = c.post(format!("http://{}/v1/chat/completions", p.proxy)).body("{}").send().await.unwrap();
     let reader = tokio::spawn(read_all(resp));
     tokio::time::sleep(Duration::from_millis(150)).await;
     p.signal("TERM");
     // Not ready at once, while the stream is still running.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let ready = c
-            .get(format!("http://{}/readyz", p.admin))
-            .send()
-            .await
-            .unwrap();
+        let ready = c.get(format!("http://{}/readyz", p.admin)).send().await.unwrap();
         if ready.status() == 503 {
             assert_eq!(ready.text().await.unwrap(), "draining: shutting down\n");
             break;
@@ -195,10 +170,7 @@ async fn sigterm_drains_an_sse_stream_then_exits_0() {
     }
     // The listener is closed: a new connection is refused.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        tokio::net::TcpStream::connect(p.proxy).await.is_err(),
-        "listener still open"
-    );
+    assert!(tokio::net::TcpStream::connect(p.proxy).await.is_err(), "listener still open");
     let (text, complete) = timeout(WAIT, reader).await.unwrap().unwrap();
     assert!(complete, "stream cut: {text}");
     assert_eq!(text.matches("data: ").count(), 10);
@@ -210,27 +182,17 @@ async fn the_grace_deadline_cuts_long_streams() {
     let iam = FakeIam::start().await;
     let up = sse_upstream(100, Duration::from_millis(100)).await;
     let mut p = spawn(&iam, &up.base_url(), "shutdown_grace_secs = 1").await;
-    let resp = client()
-        .post(format!("http://{}/v1/chat/completions", p.proxy))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        client().post(format!("http://{}/v1/chat/completions", p.proxy)).body("{}").send().await.unwrap();
     let reader = tokio::spawn(read_all(resp));
     tokio::time::sleep(Duration::from_millis(250)).await;
     let signalled = Instant::now();
     p.signal("TERM");
     assert_eq!(p.exit_code().await, Some(0));
     let took = signalled.elapsed();
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
-        "exited after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "exited after {took:?}");
     let (text, complete) = timeout(WAIT, reader).await.unwrap().unwrap();
-    assert!(
-        !complete || text.matches("data: ").count() < 100,
-        "the stream was cut"
-    );
+    assert!(!complete || text.matches("data: ").count() < 100, "the stream was cut");
 }
 
 #[tokio::test]
@@ -238,12 +200,8 @@ async fn a_second_signal_exits_at_once() {
     let iam = FakeIam::start().await;
     let up = sse_upstream(100, Duration::from_millis(100)).await;
     let mut p = spawn(&iam, &up.base_url(), "shutdown_grace_secs = 30").await;
-    let resp = client()
-        .post(format!("http://{}/v1/chat/completions", p.proxy))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        client().post(format!("http://{}/v1/chat/completions", p.proxy)).body("{}").send().await.unwrap();
     let _reader = tokio::spawn(read_all(resp));
     tokio::time::sleep(Duration::from_millis(200)).await;
     p.signal("TERM");
@@ -262,19 +220,11 @@ async fn quitquitquit_shuts_down_when_enabled() {
     let mut p = spawn(&iam, &up.base_url(), "enable_quit_endpoint = true").await;
     let c = client();
     assert_eq!(
-        c.get(format!("http://{}/quitquitquit", p.admin))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        c.get(format!("http://{}/quitquitquit", p.admin)).send().await.unwrap().status(),
         404,
         "POST only"
     );
-    let resp = c
-        .post(format!("http://{}/quitquitquit", p.admin))
-        .send()
-        .await
-        .unwrap();
+    let resp = c.post(format!("http://{}/quitquitquit", p.admin)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(p.exit_code().await, Some(0));
 }
@@ -284,17 +234,9 @@ async fn quitquitquit_is_off_by_default() {
     let iam = FakeIam::start().await;
     let up = FakeUpstream::ok().await;
     let p = spawn(&iam, &up.base_url(), "").await;
-    let resp = client()
-        .post(format!("http://{}/quitquitquit", p.admin))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().post(format!("http://{}/quitquitquit", p.admin)).send().await.unwrap();
     assert_eq!(resp.status(), 404);
-    let ready = client()
-        .get(format!("http://{}/readyz", p.admin))
-        .send()
-        .await
-        .unwrap();
+    let ready = client().get(format!("http://{}/readyz", p.admin)).send().await.unwrap();
     assert_eq!(ready.status(), 200, "still serving");
 }
 
@@ -306,26 +248,10 @@ async fn shutdown_delay_keeps_accepting_for_a_while() {
     p.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Draining, but still accepting: a new connection gets served.
-    let fresh = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(0)
-        .timeout(WAIT)
-        .build()
-        .unwrap();
-    let resp = fresh
-        .get(format!("http://{}/v1/models", p.proxy))
-        .send()
-        .await
-        .unwrap();
+    let fresh =
+        reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).timeout(WAIT).build().unwrap();
+    let resp = fresh.get(format!("http://{}/v1/models", p.proxy)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        fresh
-            .get(format!("http://{}/readyz", p.admin))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(fresh.get(format!("http://{}/readyz", p.admin)).send().await.unwrap().status(), 503);
     assert_eq!(p.exit_code().await, Some(0));
 }

@@ -76,30 +76,15 @@ struct Replay {
 
 impl RequestBody {
     /// `replay_capacity` of `None` keeps no copy.
-    pub fn new(
-        inner: Incoming,
-        limit: u64,
-        replay_capacity: Option<u64>,
-        shared: Arc<BodyShared>,
-    ) -> Self {
-        let mut replay = replay_capacity.map(|capacity| Replay {
-            chunks: Vec::new(),
-            size: 0,
-            capacity,
-        });
+    pub fn new(inner: Incoming, limit: u64, replay_capacity: Option<u64>, shared: Arc<BodyShared>) -> Self {
+        let mut replay = replay_capacity.map(|capacity| Replay { chunks: Vec::new(), size: 0, capacity });
         if inner.is_end_stream() {
             // No body at all (GET): the client may never poll it, so it is complete already.
             if replay.take().is_some() {
                 let _ = shared.complete.set(Vec::new());
             }
         }
-        Self {
-            inner,
-            limit,
-            seen: 0,
-            replay,
-            shared,
-        }
+        Self { inner, limit, seen: 0, replay, shared }
     }
 }
 
@@ -174,10 +159,7 @@ pub struct ReplayBody {
 impl ReplayBody {
     pub fn new(chunks: Vec<Bytes>) -> Self {
         let remaining = chunks.iter().map(|c| c.len() as u64).sum();
-        Self {
-            chunks: chunks.into_iter(),
-            remaining,
-        }
+        Self { chunks: chunks.into_iter(), remaining }
     }
 }
 
@@ -251,6 +233,8 @@ pub struct RequestGuard {
     start: Instant,
     bytes_out: u64,
     access: Option<Box<AccessInfo>>,
+    /// The `server.max_inflight` slot, held until the response body ends.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Fields of the access log line, collected only when `log.access = true`.
@@ -274,13 +258,12 @@ impl RequestGuard {
         access: Option<Box<AccessInfo>>,
     ) -> Self {
         metrics.inflight_requests.inc();
-        Self {
-            metrics,
-            endpoint,
-            start,
-            bytes_out: 0,
-            access,
-        }
+        Self { metrics, endpoint, start, bytes_out: 0, access, slot: None }
+    }
+
+    /// Keeps a concurrency slot until the request ends.
+    pub fn hold(&mut self, slot: tokio::sync::OwnedSemaphorePermit) {
+        self.slot = Some(slot);
     }
 
     pub fn access(&mut self) -> Option<&mut AccessInfo> {
@@ -292,9 +275,7 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         self.metrics.inflight_requests.dec();
-        self.metrics
-            .request_duration(self.endpoint)
-            .observe(elapsed.as_secs_f64());
+        self.metrics.request_duration(self.endpoint).observe(elapsed.as_secs_f64());
         if let Some(a) = &self.access {
             tracing::info!(
                 target: "sidekey::access",
@@ -340,32 +321,17 @@ pin_project! {
 
 impl ResponseBody {
     /// An upstream body, cut if upstream is silent for `idle` or runs past `deadline`.
-    pub fn upstream(
-        body: Incoming,
-        idle: Duration,
-        deadline: Option<Instant>,
-        guard: RequestGuard,
-    ) -> Self {
+    pub fn upstream(body: Incoming, idle: Duration, deadline: Option<Instant>, guard: RequestGuard) -> Self {
         let at = next_timer(Instant::now(), idle, deadline);
         Self {
-            kind: Kind::Upstream {
-                body,
-                timer: tokio::time::sleep_until(at),
-                idle,
-                deadline,
-            },
+            kind: Kind::Upstream { body, timer: tokio::time::sleep_until(at), idle, deadline },
             guard: Some(guard),
         }
     }
 
     /// A body sidekey wrote itself.
     pub fn local(bytes: Bytes, guard: Option<RequestGuard>) -> Self {
-        Self {
-            kind: Kind::Local {
-                body: Full::new(bytes),
-            },
-            guard,
-        }
+        Self { kind: Kind::Local { body: Full::new(bytes) }, guard }
     }
 
     /// Attaches the request guard (for local responses built before it existed).
@@ -403,16 +369,9 @@ impl Body for ResponseBody {
                 Some(Err(never)) => match never {},
                 None => Poll::Ready(None),
             },
-            KindProj::Upstream {
-                body,
-                mut timer,
-                idle,
-                deadline,
-            } => match body.poll_frame(cx) {
+            KindProj::Upstream { body, mut timer, idle, deadline } => match body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    timer
-                        .as_mut()
-                        .reset(next_timer(Instant::now(), *idle, *deadline));
+                    timer.as_mut().reset(next_timer(Instant::now(), *idle, *deadline));
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {

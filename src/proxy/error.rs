@@ -10,7 +10,9 @@ use http::{Response, StatusCode};
 /// Why sidekey answered a request itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("no route: sidekey serves the OpenAI API under /v1; set your SDK's base_url to http://{listen}/v1")]
+    #[error(
+        "no route: sidekey serves the OpenAI API under /v1; set your SDK's base_url to http://{listen}/v1"
+    )]
     NotFound { listen: String },
     #[error("invalid path: dot segments and encoded slashes are not allowed")]
     BadPath,
@@ -19,10 +21,9 @@ pub enum ProxyError {
     #[error("request body exceeds the limit of {limit} bytes (server.max_request_body_bytes)")]
     PayloadTooLarge { limit: u64 },
     #[error("{message}")]
-    NoToken {
-        message: String,
-        retry_after_secs: u64,
-    },
+    NoToken { message: String, retry_after_secs: u64 },
+    #[error("too many requests in flight (server.max_inflight = {limit}); waited {waited_ms} ms for a slot")]
+    Overloaded { limit: usize, waited_ms: u64 },
     #[error("upstream unreachable")]
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("upstream did not answer within {0:?}")]
@@ -42,9 +43,8 @@ impl ProxyError {
             }
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Unreachable(_) | ProxyError::BadUpstreamRequest(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Unreachable(_) | ProxyError::BadUpstreamRequest(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -57,6 +57,7 @@ impl ProxyError {
             ProxyError::NotAProxy => "not_a_forward_proxy",
             ProxyError::PayloadTooLarge { .. } => "request_too_large",
             ProxyError::NoToken { .. } => "no_valid_token",
+            ProxyError::Overloaded { .. } => "too_many_requests",
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",
             ProxyError::ClientBody(_) => "bad_request_body",
@@ -85,14 +86,15 @@ impl ProxyError {
         });
         let mut resp = Response::new(B::from(Bytes::from(body.to_string())));
         *resp.status_mut() = self.status();
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let ProxyError::NoToken {
-            retry_after_secs, ..
-        } = self
-        {
-            resp.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match self {
+            ProxyError::NoToken { retry_after_secs, .. } => {
+                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ProxyError::Overloaded { .. } => {
+                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         resp
     }
@@ -105,10 +107,7 @@ mod tests {
 
     #[test]
     fn no_token_is_503_with_retry_after_and_openai_shape() {
-        let err = ProxyError::NoToken {
-            message: "no valid token: x".into(),
-            retry_after_secs: 7,
-        };
+        let err = ProxyError::NoToken { message: "no valid token: x".into(), retry_after_secs: 7 };
         let resp: Response<Full<Bytes>> = err.to_response();
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()[RETRY_AFTER], "7");

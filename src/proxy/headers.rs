@@ -57,10 +57,7 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         h
     }
@@ -85,24 +82,12 @@ mod tests {
         prepare_request(&mut h);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
-        assert_eq!(
-            names,
-            [
-                "content-type",
-                "openai-organization",
-                "x-request-id",
-                "x-stainless-lang"
-            ]
-        );
+        assert_eq!(names, ["content-type", "openai-organization", "x-request-id", "x-stainless-lang"]);
     }
 
     #[test]
     fn response_hygiene_strips_echoed_authorization() {
-        let mut h = map(&[
-            ("authorization", "Bearer t"),
-            ("connection", "close"),
-            ("x-request-id", "1"),
-        ]);
+        let mut h = map(&[("authorization", "Bearer t"), ("connection", "close"), ("x-request-id", "1")]);
         prepare_response(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-request-id"));

@@ -18,11 +18,10 @@ use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use self::body::{
-    AccessInfo, BodyShared, ReplayBody, RequestBody, RequestGuard, ResponseBody, UpstreamBody,
-};
+use self::body::{AccessInfo, BodyShared, ReplayBody, RequestBody, RequestGuard, ResponseBody, UpstreamBody};
 use self::error::ProxyError;
 use self::path::{Endpoint, PathError, Target};
 use crate::client::Connector;
@@ -42,6 +41,9 @@ pub struct ProxySettings {
     pub request_timeout: Option<Duration>,
     pub forced_refresh_wait: Duration,
     pub access_log: bool,
+    /// `server.max_inflight` and how long to wait for a slot.
+    pub max_inflight: Option<usize>,
+    pub queue_timeout: Duration,
 }
 
 /// A cheap-to-clone handle on everything a request needs.
@@ -56,6 +58,7 @@ struct Inner {
     settings: ProxySettings,
     tokens: TokenStore,
     metrics: Metrics,
+    slots: Option<Arc<Semaphore>>,
 }
 
 impl Proxy {
@@ -65,21 +68,12 @@ impl Proxy {
         tokens: TokenStore,
         metrics: Metrics,
     ) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                client,
-                settings,
-                tokens,
-                metrics,
-            }),
-        }
+        let slots = settings.max_inflight.map(|n| Arc::new(Semaphore::new(n)));
+        Self { inner: Arc::new(Inner { client, settings, tokens, metrics, slots }) }
     }
 
     /// Serves one client request. Never fails: errors become OpenAI-shaped responses.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, Infallible> {
+    pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
         let inner = &*self.inner;
         let start = Instant::now();
         let endpoint = Endpoint::classify(req.uri().path());
@@ -92,7 +86,16 @@ impl Proxy {
             })
         });
         let mut guard = RequestGuard::new(inner.metrics.clone(), endpoint, start, access);
-        let resp = match self.forward(req, endpoint, start, &mut guard).await {
+        let result = match self.acquire_slot(start).await {
+            Ok(slot) => {
+                if let Some(slot) = slot {
+                    guard.hold(slot);
+                }
+                self.forward(req, endpoint, start, &mut guard).await
+            }
+            Err(err) => Err(err),
+        };
+        let resp = match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::prepare_response(&mut parts.headers);
@@ -101,8 +104,7 @@ impl Proxy {
                     a.ttfb = Some(start.elapsed());
                 }
                 let deadline = inner.settings.request_timeout.map(|t| start + t);
-                let body =
-                    ResponseBody::upstream(body, inner.settings.idle_timeout, deadline, guard);
+                let body = ResponseBody::upstream(body, inner.settings.idle_timeout, deadline, guard);
                 Response::from_parts(parts, body)
             }
             Err(err) => {
@@ -115,12 +117,31 @@ impl Proxy {
                 resp
             }
         };
-        inner
-            .metrics
-            .requests_total
-            .with_label_values(&[endpoint.as_str(), resp.status().as_str()])
-            .inc();
+        inner.metrics.requests_total.with_label_values(&[endpoint.as_str(), resp.status().as_str()]).inc();
         Ok(resp)
+    }
+
+    /// Waits for a `server.max_inflight` slot, at most `server.queue_timeout_ms`.
+    async fn acquire_slot(&self, start: Instant) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
+        let Some(slots) = &self.inner.slots else { return Ok(None) };
+        if let Ok(slot) = Arc::clone(slots).try_acquire_owned() {
+            return Ok(Some(slot));
+        }
+        let metrics = &self.inner.metrics;
+        metrics.queue_depth.inc();
+        let waited =
+            tokio::time::timeout(self.inner.settings.queue_timeout, Arc::clone(slots).acquire_owned()).await;
+        metrics.queue_depth.dec();
+        match waited {
+            Ok(Ok(slot)) => Ok(Some(slot)),
+            _ => {
+                metrics.queue_rejections_total.inc();
+                Err(ProxyError::Overloaded {
+                    limit: self.inner.settings.max_inflight.unwrap_or_default(),
+                    waited_ms: start.elapsed().as_millis() as u64,
+                })
+            }
+        }
     }
 
     async fn forward(
@@ -140,46 +161,30 @@ impl Proxy {
         }
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let rest = path::strip_prefix(path_and_query).map_err(|e| match e {
-            PathError::NotFound => ProxyError::NotFound {
-                listen: settings.listen.clone(),
-            },
+            PathError::NotFound => ProxyError::NotFound { listen: settings.listen.clone() },
             PathError::Traversal => ProxyError::BadPath,
         })?;
         let declared = content_length(&req);
         if declared.is_some_and(|len| len > settings.max_body) {
-            return Err(ProxyError::PayloadTooLarge {
-                limit: settings.max_body,
-            });
+            return Err(ProxyError::PayloadTooLarge { limit: settings.max_body });
         }
-        let token = inner
-            .tokens
-            .current(start)
-            .map_err(|u| ProxyError::NoToken {
-                retry_after_secs: u.retry_after_secs(start),
-                message: u.message,
-            })?;
+        let token = inner.tokens.current(start).map_err(|u| ProxyError::NoToken {
+            retry_after_secs: u.retry_after_secs(start),
+            message: u.message,
+        })?;
         if let Some(a) = guard.access() {
             a.credential = Some(Arc::from(token.credential()));
         }
-        let uri = settings
-            .target
-            .join(rest)
-            .map_err(ProxyError::BadUpstreamRequest)?;
+        let uri = settings.target.join(rest).map_err(ProxyError::BadUpstreamRequest)?;
 
         let (mut parts, body) = req.into_parts();
         headers::prepare_request(&mut parts.headers);
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let replayable = settings.replay_capacity > 0
-            && declared.is_none_or(|len| len <= settings.replay_capacity);
+        let replayable =
+            settings.replay_capacity > 0 && declared.is_none_or(|len| len <= settings.replay_capacity);
         // Kept only to rebuild the request for a replay after a 401.
-        let saved = replayable.then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
+        let saved = replayable.then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
         let shared = Arc::new(BodyShared::default());
         let body = RequestBody::new(
             body,
@@ -201,10 +206,8 @@ impl Proxy {
             inner.tokens.report_rejected(token.generation());
             return Ok(resp);
         };
-        let Some(fresh) = inner
-            .tokens
-            .replace_rejected(token.generation(), settings.forced_refresh_wait)
-            .await
+        let Some(fresh) =
+            inner.tokens.replace_rejected(token.generation(), settings.forced_refresh_wait).await
         else {
             return Ok(resp);
         };
@@ -218,14 +221,11 @@ impl Proxy {
             a.replayed = true;
             a.credential = Some(Arc::from(fresh.credential()));
         }
-        let mut req = Request::new(UpstreamBody::Replay {
-            body: ReplayBody::new(chunks),
-        });
+        let mut req = Request::new(UpstreamBody::Replay { body: ReplayBody::new(chunks) });
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        req.headers_mut()
-            .insert(AUTHORIZATION, fresh.header().clone());
+        req.headers_mut().insert(AUTHORIZATION, fresh.header().clone());
         let resp = self.send(req, endpoint, start, &shared).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             inner.metrics.upstream_unauthorized_total.inc();
@@ -250,15 +250,10 @@ impl Proxy {
         }
         match tokio::time::timeout(wait, inner.client.request(req)).await {
             Err(_) => Err(ProxyError::Timeout(wait)),
-            Ok(Err(_)) if shared.too_large() => Err(ProxyError::PayloadTooLarge {
-                limit: settings.max_body,
-            }),
+            Ok(Err(_)) if shared.too_large() => Err(ProxyError::PayloadTooLarge { limit: settings.max_body }),
             Ok(Err(e)) => Err(ProxyError::Unreachable(e)),
             Ok(Ok(resp)) => {
-                inner
-                    .metrics
-                    .upstream_response(endpoint)
-                    .observe(start.elapsed().as_secs_f64());
+                inner.metrics.upstream_response(endpoint).observe(start.elapsed().as_secs_f64());
                 Ok(resp)
             }
         }
@@ -271,12 +266,7 @@ impl Proxy {
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {
-    req.headers()
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    req.headers().get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 fn log_error(err: &ProxyError, endpoint: Endpoint) {

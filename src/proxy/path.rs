@@ -49,15 +49,11 @@ impl Endpoint {
 
     /// Classifies a client path (`/v1/chat/completions`, ...).
     pub fn classify(path: &str) -> Endpoint {
-        let Some(rest) = path
-            .strip_prefix(API_PREFIX)
-            .and_then(|r| r.strip_prefix('/'))
-        else {
+        let Some(rest) = path.strip_prefix(API_PREFIX).and_then(|r| r.strip_prefix('/')) else {
             return Endpoint::Other;
         };
-        let first = |name: &str| {
-            rest == name || rest.starts_with(name) && rest[name.len()..].starts_with('/')
-        };
+        let first =
+            |name: &str| rest == name || rest.starts_with(name) && rest[name.len()..].starts_with('/');
         if first("chat/completions") {
             Endpoint::ChatCompletions
         } else if first("completions") {
@@ -92,9 +88,7 @@ pub enum PathError {
 
 /// The part of a client's path-and-query after `/v1`: `"/chat/completions?x=1"`, `"?x"` or `""`.
 pub fn strip_prefix(path_and_query: &str) -> Result<&str, PathError> {
-    let rest = path_and_query
-        .strip_prefix(API_PREFIX)
-        .ok_or(PathError::NotFound)?;
+    let rest = path_and_query.strip_prefix(API_PREFIX).ok_or(PathError::NotFound)?;
     if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')) {
         return Err(PathError::NotFound);
     }
@@ -179,18 +173,9 @@ mod tests {
     fn maps_paths_and_queries() {
         let t = target("https://api.example/v1");
         let cases = [
-            (
-                "/v1/chat/completions",
-                "https://api.example/v1/chat/completions",
-            ),
-            (
-                "/v1/models?limit=2&after=x",
-                "https://api.example/v1/models?limit=2&after=x",
-            ),
-            (
-                "/v1/models/GigaChat/GigaChat-2-Max",
-                "https://api.example/v1/models/GigaChat/GigaChat-2-Max",
-            ),
+            ("/v1/chat/completions", "https://api.example/v1/chat/completions"),
+            ("/v1/models?limit=2&after=x", "https://api.example/v1/models?limit=2&after=x"),
+            ("/v1/models/GigaChat/GigaChat-2-Max", "https://api.example/v1/models/GigaChat/GigaChat-2-Max"),
             ("/v1", "https://api.example/v1"),
             ("/v1?x=1", "https://api.example/v1?x=1"),
         ];
@@ -208,23 +193,14 @@ mod tests {
             "http://127.0.0.1:9/api/gigacube/openai/v1/embeddings"
         );
         let t = target("http://127.0.0.1:9");
-        assert_eq!(
-            t.join("/models").unwrap().to_string(),
-            "http://127.0.0.1:9/models"
-        );
+        assert_eq!(t.join("/models").unwrap().to_string(), "http://127.0.0.1:9/models");
         assert_eq!(t.join("").unwrap().to_string(), "http://127.0.0.1:9/");
         assert_eq!(t.join("?a").unwrap().to_string(), "http://127.0.0.1:9/?a");
     }
 
     #[test]
     fn outside_v1_is_not_found() {
-        for p in [
-            "/",
-            "/v2/models",
-            "/v1x/models",
-            "/chat/completions",
-            "/metrics",
-        ] {
+        for p in ["/", "/v2/models", "/v1x/models", "/chat/completions", "/metrics"] {
             assert_eq!(strip_prefix(p), Err(PathError::NotFound), "{p}");
         }
     }

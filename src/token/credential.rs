@@ -45,30 +45,18 @@ pub enum CredentialError {
 #[derive(Debug, Clone)]
 enum Value {
     Inline(Secret),
-    File {
-        path: PathBuf,
-        policy: FilePolicy,
-        warned: Arc<AtomicBool>,
-    },
+    File { path: PathBuf, policy: FilePolicy, warned: Arc<AtomicBool> },
 }
 
 impl Value {
     fn file(path: &Path, policy: FilePolicy) -> Self {
-        Value::File {
-            path: path.to_path_buf(),
-            policy,
-            warned: Arc::default(),
-        }
+        Value::File { path: path.to_path_buf(), policy, warned: Arc::default() }
     }
 
     async fn read(&self) -> Result<Secret, CredentialError> {
         match self {
             Value::Inline(s) => Ok(s.clone()),
-            Value::File {
-                path,
-                policy,
-                warned,
-            } => {
+            Value::File { path, policy, warned } => {
                 if *policy != FilePolicy::Allow && world_readable(path).await {
                     if *policy == FilePolicy::Refuse {
                         return Err(CredentialError::WorldReadable(path.clone()));
@@ -77,12 +65,9 @@ impl Value {
                         tracing::warn!(path = %path.display(), "Credential file is readable by every user; restrict its mode (e.g. 0400)");
                     }
                 }
-                let raw = tokio::fs::read_to_string(path).await.map_err(|source| {
-                    CredentialError::Read {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
+                let raw = tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|source| CredentialError::Read { path: path.clone(), source })?;
                 let trimmed = raw.trim();
                 if trimmed.is_empty() {
                     return Err(CredentialError::Empty(path.clone()));
@@ -103,9 +88,7 @@ async fn world_readable(path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        tokio::fs::metadata(path)
-            .await
-            .is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+        tokio::fs::metadata(path).await.is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
     }
     #[cfg(not(unix))]
     {
@@ -157,10 +140,7 @@ impl CredentialSource {
 
     /// Reads the current values (files anew, trimmed).
     pub async fn read(&self) -> Result<Credentials, CredentialError> {
-        Ok(Credentials {
-            key_id: self.key_id.read().await?,
-            secret: self.secret.read().await?,
-        })
+        Ok(Credentials { key_id: self.key_id.read().await?, secret: self.secret.read().await? })
     }
 }
 
@@ -213,14 +193,8 @@ mod tests {
             ..Default::default()
         };
         let refuse = CredentialSource::from_config(&cfg, FilePolicy::Refuse);
-        assert!(matches!(
-            refuse.read().await,
-            Err(CredentialError::WorldReadable(_))
-        ));
-        assert!(CredentialSource::from_config(&cfg, FilePolicy::Warn)
-            .read()
-            .await
-            .is_ok());
+        assert!(matches!(refuse.read().await, Err(CredentialError::WorldReadable(_))));
+        assert!(CredentialSource::from_config(&cfg, FilePolicy::Warn).read().await.is_ok());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert!(refuse.read().await.is_ok());
         std::fs::remove_dir_all(&dir).unwrap();

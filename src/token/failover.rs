@@ -132,9 +132,7 @@ impl Failover {
     /// Moves to the next credential after the active one (wrapping) that is not rejected.
     fn fail_over(&mut self, now: Instant) -> Transition {
         let n = self.failures.len();
-        let next = (1..n)
-            .map(|i| (self.active + i) % n)
-            .find(|&c| !self.rejected[c]);
+        let next = (1..n).map(|i| (self.active + i) % n).find(|&c| !self.rejected[c]);
         match next {
             Some(to) => self.switch_to(to, now),
             None => Transition::Stay,
@@ -178,10 +176,7 @@ mod tests {
     #[test]
     fn rejection_fails_over_at_once_and_schedules_a_probe() {
         let (mut f, now) = fo(2);
-        assert_eq!(
-            f.record(0, Rejected, now),
-            Transition::Switch { from: 0, to: 1 }
-        );
+        assert_eq!(f.record(0, Rejected, now), Transition::Switch { from: 0, to: 1 });
         assert_eq!(f.active(), 1);
         assert_eq!(f.next_probe(), Some(now + FB));
         assert!(!f.probe_due(now));
@@ -193,10 +188,7 @@ mod tests {
         let (mut f, now) = fo(2);
         assert_eq!(f.record(0, Transient, now), Transition::Stay);
         assert_eq!(f.record(0, Transient, now), Transition::Stay);
-        assert_eq!(
-            f.record(0, Transient, now),
-            Transition::Switch { from: 0, to: 1 }
-        );
+        assert_eq!(f.record(0, Transient, now), Transition::Switch { from: 0, to: 1 });
     }
 
     #[test]
@@ -226,10 +218,7 @@ mod tests {
     fn successful_probe_fails_back() {
         let (mut f, now) = fo(2);
         f.record(0, Rejected, now);
-        assert_eq!(
-            f.record(0, Success, now + FB),
-            Transition::Switch { from: 1, to: 0 }
-        );
+        assert_eq!(f.record(0, Success, now + FB), Transition::Switch { from: 1, to: 0 });
         assert_eq!(f.active(), 0);
         assert_eq!(f.next_probe(), None);
     }
@@ -246,14 +235,8 @@ mod tests {
     #[test]
     fn backup_failures_wrap_to_the_primary_unless_rejected() {
         let (mut f, now) = fo(3);
-        assert_eq!(
-            f.record(0, Rejected, now),
-            Transition::Switch { from: 0, to: 1 }
-        );
-        assert_eq!(
-            f.record(1, Rejected, now),
-            Transition::Switch { from: 1, to: 2 }
-        );
+        assert_eq!(f.record(0, Rejected, now), Transition::Switch { from: 0, to: 1 });
+        assert_eq!(f.record(1, Rejected, now), Transition::Switch { from: 1, to: 2 });
         // the probe time set when leaving the primary is kept
         assert_eq!(f.next_probe(), Some(now + FB));
         for _ in 0..2 {
@@ -292,11 +275,7 @@ mod proptests {
     use super::*;
 
     fn outcome() -> impl Strategy<Value = Outcome> {
-        prop_oneof![
-            Just(Outcome::Success),
-            Just(Outcome::Rejected),
-            Just(Outcome::Transient)
-        ]
+        prop_oneof![Just(Outcome::Success), Just(Outcome::Rejected), Just(Outcome::Transient)]
     }
 
     proptest! {

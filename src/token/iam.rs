@@ -34,8 +34,7 @@ pub struct Fetched {
 /// Something that exchanges credentials for a token. The refresher is generic over it, so the
 /// schedule can be tested on paused time without sockets.
 pub trait Fetcher: Send + Sync + 'static {
-    fn fetch(&self, creds: Credentials)
-        -> impl Future<Output = Result<Fetched, FetchError>> + Send;
+    fn fetch(&self, creds: Credentials) -> impl Future<Output = Result<Fetched, FetchError>> + Send;
 }
 
 /// Why a token response body is unusable.
@@ -59,11 +58,7 @@ pub enum FetchError {
     #[error("rejected by the token endpoint ({status}): {body}")]
     Rejected { status: StatusCode, body: String },
     #[error("token endpoint answered {status}: {body}")]
-    Status {
-        status: StatusCode,
-        body: String,
-        retry_after: Option<Duration>,
-    },
+    Status { status: StatusCode, body: String, retry_after: Option<Duration> },
     #[error("token endpoint unreachable")]
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("token endpoint did not answer within {0:?}")]
@@ -122,17 +117,11 @@ pub struct IamClient {
 impl IamClient {
     pub fn new(client: Client<Connector, Full<Bytes>>, url: Uri, timeout: Duration) -> Self {
         let user_agent = HeaderValue::from_static(concat!("sidekey/", env!("CARGO_PKG_VERSION")));
-        Self {
-            client,
-            url,
-            timeout,
-            user_agent,
-        }
+        Self { client, url, timeout, user_agent }
     }
 
     async fn exchange(&self, creds: &Credentials) -> Result<Fetched, FetchError> {
-        let body =
-            serde_json::json!({ "keyId": creds.key_id.expose(), "secret": creds.secret.expose() });
+        let body = serde_json::json!({ "keyId": creds.key_id.expose(), "secret": creds.secret.expose() });
         let req = Request::builder()
             .method(Method::POST)
             .uri(self.url.clone())
@@ -141,16 +130,10 @@ impl IamClient {
             .header(USER_AGENT, self.user_agent.clone())
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("static request parts are valid");
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(FetchError::Unreachable)?;
+        let resp = self.client.request(req).await.map_err(FetchError::Unreachable)?;
         let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after =
+            resp.headers().get(RETRY_AFTER).and_then(|v| parse_retry_after(v, SystemTime::now()));
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
@@ -162,11 +145,7 @@ impl IamClient {
         let body = sanitize_body(&bytes, creds);
         match status.as_u16() {
             400 | 401 | 403 => Err(FetchError::Rejected { status, body }),
-            _ => Err(FetchError::Status {
-                status,
-                body,
-                retry_after,
-            }),
+            _ => Err(FetchError::Status { status, body, retry_after }),
         }
     }
 }
@@ -183,14 +162,11 @@ impl Fetcher for IamClient {
 /// Reads `access_token` (required, non-empty, header-safe) and `expires_in` (seconds, default
 /// 3600, clamped to a day); ignores every other field.
 pub fn parse_token_response(bytes: &[u8]) -> Result<Fetched, ResponseError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|_| ResponseError::NotJson)?;
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| ResponseError::NotJson)?;
     let obj = value.as_object().ok_or(ResponseError::NotJson)?;
     let token = match obj.get("access_token") {
         None | Some(serde_json::Value::Null) => return Err(ResponseError::MissingToken),
-        Some(serde_json::Value::String(s)) if s.is_empty() => {
-            return Err(ResponseError::EmptyToken)
-        }
+        Some(serde_json::Value::String(s)) if s.is_empty() => return Err(ResponseError::EmptyToken),
         Some(serde_json::Value::String(s)) => s,
         Some(_) => return Err(ResponseError::InvalidToken),
     };
@@ -200,9 +176,7 @@ pub fn parse_token_response(bytes: &[u8]) -> Result<Fetched, ResponseError> {
     let expires_in = match obj.get("expires_in") {
         None | Some(serde_json::Value::Null) => DEFAULT_LIFETIME,
         Some(serde_json::Value::Number(n)) => {
-            let secs = n
-                .as_f64()
-                .ok_or(ResponseError::BadExpiresIn("not a number"))?;
+            let secs = n.as_f64().ok_or(ResponseError::BadExpiresIn("not a number"))?;
             if !secs.is_finite() || secs < 0.0 {
                 return Err(ResponseError::BadExpiresIn("a negative number"));
             }
@@ -217,10 +191,7 @@ pub fn parse_token_response(bytes: &[u8]) -> Result<Fetched, ResponseError> {
         }
         Some(_) => return Err(ResponseError::BadExpiresIn("not a number")),
     };
-    Ok(Fetched {
-        access_token: Secret::new(token.as_str()),
-        expires_in,
-    })
+    Ok(Fetched { access_token: Secret::new(token.as_str()), expires_in })
 }
 
 /// `Retry-After` as delta-seconds or an HTTP date.
@@ -236,10 +207,7 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 /// A short, single-line copy of an error body without the credential or anything token-like.
 pub fn sanitize_body(bytes: &[u8], creds: &Credentials) -> String {
     let text = String::from_utf8_lossy(bytes);
-    let mut text: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let mut text: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     for needle in [creds.secret.expose(), creds.key_id.expose()] {
         if !needle.is_empty() {
             text = text.replace(needle, crate::secret::REDACTED);
@@ -305,18 +273,9 @@ mod tests {
             (br#"{"access_token":42}"#, InvalidToken),
             (br#"{"access_token":"a b"}"#, InvalidToken),
             (b"{\"access_token\":\"a\\nb\"}", InvalidToken),
-            (
-                br#"{"access_token":"t","expires_in":0}"#,
-                BadExpiresIn("less than one second"),
-            ),
-            (
-                br#"{"access_token":"t","expires_in":-5}"#,
-                BadExpiresIn("a negative number"),
-            ),
-            (
-                br#"{"access_token":"t","expires_in":"3600"}"#,
-                BadExpiresIn("not a number"),
-            ),
+            (br#"{"access_token":"t","expires_in":0}"#, BadExpiresIn("less than one second")),
+            (br#"{"access_token":"t","expires_in":-5}"#, BadExpiresIn("a negative number")),
+            (br#"{"access_token":"t","expires_in":"3600"}"#, BadExpiresIn("not a number")),
         ];
         for (body, want) in cases {
             let got = parse_token_response(body).unwrap_err();
@@ -327,27 +286,18 @@ mod tests {
     #[test]
     fn retry_after_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
-        assert_eq!(
-            parse_retry_after(&HeaderValue::from_static("7"), now),
-            Some(Duration::from_secs(7))
-        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("7"), now), Some(Duration::from_secs(7)));
         let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
         assert_eq!(
             parse_retry_after(&HeaderValue::from_str(&date).unwrap(), now),
             Some(Duration::from_secs(30))
         );
-        assert_eq!(
-            parse_retry_after(&HeaderValue::from_static("soon"), now),
-            None
-        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon"), now), None);
     }
 
     #[test]
     fn error_bodies_lose_secrets_and_token_like_runs() {
-        let creds = Credentials {
-            key_id: Secret::new("KID-123"),
-            secret: Secret::new("S3CR3T"),
-        };
+        let creds = Credentials { key_id: Secret::new("KID-123"), secret: Secret::new("S3CR3T") };
         let jwt = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig";
         let body = format!("{{\"error\":\"bad key KID-123 / S3CR3T\",\n\"hint\":\"{jwt}\"}}");
         let out = sanitize_body(body.as_bytes(), &creds);
@@ -359,10 +309,7 @@ mod tests {
 
     #[test]
     fn classification() {
-        let rejected = FetchError::Rejected {
-            status: StatusCode::UNAUTHORIZED,
-            body: String::new(),
-        };
+        let rejected = FetchError::Rejected { status: StatusCode::UNAUTHORIZED, body: String::new() };
         assert_eq!(rejected.outcome(), Outcome::Rejected);
         assert_eq!(rejected.summary(), "rejected by IAM (401)");
         let busy = FetchError::Status {
@@ -372,10 +319,7 @@ mod tests {
         };
         assert_eq!(busy.outcome(), Outcome::Transient);
         assert_eq!(busy.retry_after(), Some(Duration::from_secs(3)));
-        assert_eq!(
-            FetchError::BadResponse(ResponseError::EmptyToken).outcome(),
-            Outcome::Transient
-        );
+        assert_eq!(FetchError::BadResponse(ResponseError::EmptyToken).outcome(), Outcome::Transient);
     }
 }
 

@@ -134,9 +134,7 @@ struct StoreInner {
 
 impl fmt::Debug for TokenStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenStore")
-            .field("current", &self.inner.current.load())
-            .finish()
+        f.debug_struct("TokenStore").field("current", &self.inner.current.load()).finish()
     }
 }
 
@@ -148,10 +146,7 @@ impl Default for TokenStore {
 
 impl TokenStore {
     pub fn new() -> Self {
-        let status = Unavailable {
-            message: FIRST_FETCH.into(),
-            next_attempt: Instant::now(),
-        };
+        let status = Unavailable { message: FIRST_FETCH.into(), next_attempt: Instant::now() };
         Self {
             inner: Arc::new(StoreInner {
                 current: ArcSwapOption::empty(),
@@ -174,10 +169,7 @@ impl TokenStore {
                 } else {
                     status.message.clone()
                 };
-                Err(Unavailable {
-                    message,
-                    next_attempt: status.next_attempt,
-                })
+                Err(Unavailable { message, next_attempt: status.next_attempt })
             }
             None => Err(Unavailable::clone(&self.inner.status.load())),
         }
@@ -185,11 +177,7 @@ impl TokenStore {
 
     /// True while a usable token is held.
     pub fn has_usable(&self, now: Instant) -> bool {
-        self.inner
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|t| t.is_usable(now))
+        self.inner.current.load().as_ref().is_some_and(|t| t.is_usable(now))
     }
 
     /// The current token whether or not it is still usable (for metrics and logs).
@@ -201,9 +189,7 @@ impl TokenStore {
     pub fn install(&self, token: Token) {
         let generation = token.generation;
         self.inner.current.store(Some(Arc::new(token)));
-        self.inner
-            .published
-            .send_modify(|p| p.generation = generation);
+        self.inner.published.send_modify(|p| p.generation = generation);
     }
 
     /// Records why fetching failed and when the next attempt is (refresher only).
@@ -232,9 +218,7 @@ impl TokenStore {
     /// Tells the refresher that upstream rejected generation `rejected`, without waiting.
     pub fn report_rejected(&self, rejected: u64) {
         if self.latest().is_some_and(|t| t.generation == rejected) {
-            self.inner
-                .force_requested
-                .fetch_max(rejected, Ordering::AcqRel);
+            self.inner.force_requested.fetch_max(rejected, Ordering::AcqRel);
             self.inner.force.notify_one();
         }
     }
@@ -243,26 +227,17 @@ impl TokenStore {
     /// for a new token (all concurrent callers share one refresh), waits at most `wait`, and
     /// returns a usable token newer than `rejected`, if one arrived.
     pub async fn replace_rejected(&self, rejected: u64, wait: Duration) -> Option<Arc<Token>> {
-        let newer = |store: &Self| {
-            store
-                .current(Instant::now())
-                .ok()
-                .filter(|t| t.generation > rejected)
-        };
+        let newer = |store: &Self| store.current(Instant::now()).ok().filter(|t| t.generation > rejected);
         let mut rx = self.inner.published.subscribe();
         let asked_at = rx.borrow_and_update().settles;
         if let Some(token) = newer(self) {
             return Some(token);
         }
-        self.inner
-            .force_requested
-            .fetch_max(rejected, Ordering::AcqRel);
+        self.inner.force_requested.fetch_max(rejected, Ordering::AcqRel);
         self.inner.force.notify_one();
         let _ = tokio::time::timeout(
             wait,
-            rx.wait_for(|p| {
-                p.generation > rejected || (p.settles > asked_at && p.settled >= rejected)
-            }),
+            rx.wait_for(|p| p.generation > rejected || (p.settles > asked_at && p.settled >= rejected)),
         )
         .await;
         newer(self)
@@ -274,14 +249,8 @@ mod tests {
     use super::*;
 
     fn token(gen: u64, ttl: Duration) -> Token {
-        Token::new(
-            &Secret::new("tok"),
-            Instant::now() + ttl,
-            Duration::from_secs(5),
-            gen,
-            "p".into(),
-        )
-        .unwrap()
+        Token::new(&Secret::new("tok"), Instant::now() + ttl, Duration::from_secs(5), gen, "p".into())
+            .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
@@ -297,14 +266,7 @@ mod tests {
 
     #[test]
     fn header_is_sensitive_and_debug_is_redacted() {
-        let t = Token::new(
-            &Secret::new("abc.def"),
-            Instant::now(),
-            Duration::ZERO,
-            1,
-            "p".into(),
-        )
-        .unwrap();
+        let t = Token::new(&Secret::new("abc.def"), Instant::now(), Duration::ZERO, 1, "p".into()).unwrap();
         assert!(t.header().is_sensitive());
         assert!(!format!("{t:?}").contains("abc.def"));
         assert!(!format!("{:?}", t.header()).contains("abc.def"));
@@ -315,8 +277,7 @@ mod tests {
         let store = TokenStore::new();
         store.install(token(1, Duration::from_secs(600)));
         let s2 = store.clone();
-        let waiter =
-            tokio::spawn(async move { s2.replace_rejected(1, Duration::from_secs(10)).await });
+        let waiter = tokio::spawn(async move { s2.replace_rejected(1, Duration::from_secs(10)).await });
         store.force_wanted().await;
         assert_eq!(store.force_requested(), 1);
         store.install(token(2, Duration::from_secs(600)));
@@ -329,8 +290,7 @@ mod tests {
         let store = TokenStore::new();
         store.install(token(1, Duration::from_secs(600)));
         let s2 = store.clone();
-        let waiter =
-            tokio::spawn(async move { s2.replace_rejected(1, Duration::from_secs(10)).await });
+        let waiter = tokio::spawn(async move { s2.replace_rejected(1, Duration::from_secs(10)).await });
         store.force_wanted().await;
         store.settle(1);
         assert!(waiter.await.unwrap().is_none());
@@ -339,15 +299,9 @@ mod tests {
     #[test]
     fn retry_after_rounds_up() {
         let now = Instant::now();
-        let u = Unavailable {
-            message: String::new(),
-            next_attempt: now + Duration::from_millis(1500),
-        };
+        let u = Unavailable { message: String::new(), next_attempt: now + Duration::from_millis(1500) };
         assert_eq!(u.retry_after_secs(now), 2);
-        let u = Unavailable {
-            message: String::new(),
-            next_attempt: now,
-        };
+        let u = Unavailable { message: String::new(), next_attempt: now };
         assert_eq!(u.retry_after_secs(now), 1);
     }
 }

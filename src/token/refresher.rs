@@ -125,9 +125,7 @@ impl<F: Fetcher> Refresher<F> {
         self.metrics.set_active_credential(&self.names, 0);
         self.baseline_fingerprints().await;
         loop {
-            let result = AssertUnwindSafe(self.run_loop(&cancel))
-                .catch_unwind()
-                .await;
+            let result = AssertUnwindSafe(self.run_loop(&cancel)).catch_unwind().await;
             if result.is_ok() || cancel.is_cancelled() {
                 return;
             }
@@ -164,11 +162,7 @@ impl<F: Fetcher> Refresher<F> {
                 _ = sleep_until(wake) => {}
             }
             let now = Instant::now();
-            let cred = if self.failover.probe_due(now) {
-                0
-            } else {
-                self.failover.active()
-            };
+            let cred = if self.failover.probe_due(now) { 0 } else { self.failover.active() };
             self.attempt(cred).await;
         }
     }
@@ -195,10 +189,7 @@ impl<F: Fetcher> Refresher<F> {
         }
         self.last_forced = Some(now);
         self.metrics.forced_refreshes_total.inc();
-        tracing::info!(
-            generation = wanted,
-            "Upstream answered 401 for the current token; refreshing now"
-        );
+        tracing::info!(generation = wanted, "Upstream answered 401 for the current token; refreshing now");
         let cred = self.failover.active();
         self.attempt(cred).await;
         self.store.settle(wanted);
@@ -266,8 +257,7 @@ impl<F: Fetcher> Refresher<F> {
             Ok(fetched) => self.on_success(cred, fetched, started, wall_started, now),
             Err(err) => self.on_failure(cred, err, now),
         }
-        self.metrics
-            .set_active_credential(&self.names, self.failover.active());
+        self.metrics.set_active_credential(&self.names, self.failover.active());
     }
 
     fn on_success(
@@ -296,22 +286,13 @@ impl<F: Fetcher> Refresher<F> {
             }
         };
         self.store.install(token);
-        self.metrics
-            .token_refresh_total
-            .with_label_values(&[name, "success"])
-            .inc();
+        self.metrics.token_refresh_total.with_label_values(&[name, "success"]).inc();
         let expiry_unix = unix_secs(wall_started + fetched.expires_in);
         self.metrics.token_expiry_timestamp_seconds.set(expiry_unix);
-        self.metrics
-            .token_last_success_timestamp_seconds
-            .set(unix_secs(SystemTime::now()));
+        self.metrics.token_last_success_timestamp_seconds.set(unix_secs(SystemTime::now()));
         self.failures = 0;
         self.reasons[cred] = None;
-        let delay = refresh_after(
-            fetched.expires_in,
-            self.settings.refresh_before,
-            fastrand::f64(),
-        );
+        let delay = refresh_after(fetched.expires_in, self.settings.refresh_before, fastrand::f64());
         self.next_refresh = started + delay;
         tracing::info!(
             credential = %name,
@@ -327,10 +308,7 @@ impl<F: Fetcher> Refresher<F> {
 
     fn on_failure(&mut self, cred: usize, err: FetchError, now: Instant) {
         let name = self.names[cred].clone();
-        self.metrics
-            .token_refresh_total
-            .with_label_values(&[&name, "failure"])
-            .inc();
+        self.metrics.token_refresh_total.with_label_values(&[&name, "failure"]).inc();
         self.reasons[cred] = Some(err.summary());
         let was_active = cred == self.failover.active();
         let outcome = err.outcome();
@@ -342,9 +320,7 @@ impl<F: Fetcher> Refresher<F> {
                     _ => "too many consecutive failures",
                 };
                 self.log_switch(from, to, why);
-                self.failures = self
-                    .failures
-                    .saturating_add(u32::from(outcome == Outcome::Transient));
+                self.failures = self.failures.saturating_add(u32::from(outcome == Outcome::Transient));
                 self.next_refresh = now;
                 Duration::ZERO
             }
@@ -374,10 +350,8 @@ impl<F: Fetcher> Refresher<F> {
             probe = !was_active,
             "Token fetch failed"
         );
-        self.store.set_status(Unavailable {
-            message: self.unavailable_message(),
-            next_attempt: self.next_refresh,
-        });
+        self.store
+            .set_status(Unavailable { message: self.unavailable_message(), next_attempt: self.next_refresh });
     }
 
     fn log_switch(&self, from: usize, to: usize, why: &str) {
@@ -393,9 +367,7 @@ impl<F: Fetcher> Refresher<F> {
             .names
             .iter()
             .zip(&self.reasons)
-            .filter_map(|(name, reason)| {
-                reason.as_ref().map(|r| format!("credential '{name}' {r}"))
-            })
+            .filter_map(|(name, reason)| reason.as_ref().map(|r| format!("credential '{name}' {r}")))
             .collect();
         if parts.is_empty() {
             super::FIRST_FETCH.into()
@@ -406,8 +378,7 @@ impl<F: Fetcher> Refresher<F> {
 }
 
 fn unix_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// An error and its sources on one line.
@@ -453,13 +424,7 @@ mod tests {
 
     impl Script {
         fn queue(&self, key: &str, steps: &[Step]) {
-            self.0
-                .lock()
-                .unwrap()
-                .queued
-                .entry(key.into())
-                .or_default()
-                .extend(steps.iter().cloned());
+            self.0.lock().unwrap().queued.entry(key.into()).or_default().extend(steps.iter().cloned());
         }
         fn otherwise(&self, key: &str, step: Step) {
             self.0.lock().unwrap().fallback.insert(key.into(), step);
@@ -479,19 +444,16 @@ mod tests {
                 let mut s = self.0.lock().unwrap();
                 s.calls.push((key.clone(), Instant::now()));
                 let queued = s.queued.get_mut(&key).and_then(VecDeque::pop_front);
-                queued
-                    .or_else(|| s.fallback.get(&key).cloned())
-                    .unwrap_or(Step::Issue(3600))
+                queued.or_else(|| s.fallback.get(&key).cloned()).unwrap_or(Step::Issue(3600))
             };
             match step {
                 Step::Issue(secs) => Ok(Fetched {
                     access_token: format!("token-{key}-{}", fastrand::u32(..)).into(),
                     expires_in: Duration::from_secs(secs),
                 }),
-                Step::Reject => Err(FetchError::Rejected {
-                    status: StatusCode::UNAUTHORIZED,
-                    body: "no".into(),
-                }),
+                Step::Reject => {
+                    Err(FetchError::Rejected { status: StatusCode::UNAUTHORIZED, body: "no".into() })
+                }
                 Step::Unavailable(retry_after) => Err(FetchError::Status {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     body: "busy".into(),
@@ -528,26 +490,11 @@ mod tests {
         let store = TokenStore::new();
         let owned: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let metrics = Metrics::new(&owned);
-        let creds = names
-            .iter()
-            .map(|n| CredentialSource::inline(n, n, "secret"))
-            .collect();
-        let refresher = Refresher::new(
-            script.clone(),
-            store.clone(),
-            creds,
-            settings(),
-            metrics.clone(),
-        );
+        let creds = names.iter().map(|n| CredentialSource::inline(n, n, "secret")).collect();
+        let refresher = Refresher::new(script.clone(), store.clone(), creds, settings(), metrics.clone());
         let cancel = CancellationToken::new();
         tokio::spawn(refresher.run(cancel.clone(), Arc::new(AtomicBool::new(false))));
-        Running {
-            script,
-            store,
-            metrics,
-            start: Instant::now(),
-            _cancel: cancel.drop_guard(),
-        }
+        Running { script, store, metrics, start: Instant::now(), _cancel: cancel.drop_guard() }
     }
 
     async fn at(r: &Running, secs: f64) {
@@ -555,18 +502,11 @@ mod tests {
     }
 
     fn offsets(r: &Running) -> Vec<f64> {
-        r.script
-            .calls()
-            .iter()
-            .map(|(_, t)| t.duration_since(r.start).as_secs_f64())
-            .collect()
+        r.script.calls().iter().map(|(_, t)| t.duration_since(r.start).as_secs_f64()).collect()
     }
 
     fn credential(r: &Running) -> String {
-        r.store
-            .latest()
-            .map(|t| t.credential().to_string())
-            .unwrap_or_default()
+        r.store.latest().map(|t| t.credential().to_string()).unwrap_or_default()
     }
 
     #[tokio::test(start_paused = true)]
@@ -582,13 +522,7 @@ mod tests {
         assert_eq!(r.script.calls().len(), 2);
         at(&r, 3301.0 + 3301.0).await;
         assert_eq!(r.script.calls().len(), 3);
-        assert_eq!(
-            r.metrics
-                .token_refresh_total
-                .with_label_values(&["primary", "success"])
-                .get(),
-            3
-        );
+        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["primary", "success"]).get(), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -604,14 +538,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failures_back_off_with_jitter_and_recover() {
         let r = start(&["primary"]);
-        r.script.queue(
-            "primary",
-            &[
-                Step::Unavailable(None),
-                Step::Unavailable(None),
-                Step::Unavailable(None),
-            ],
-        );
+        r.script
+            .queue("primary", &[Step::Unavailable(None), Step::Unavailable(None), Step::Unavailable(None)]);
         at(&r, 20.0).await;
         let t = offsets(&r);
         assert_eq!(t.len(), 4, "{t:?}");
@@ -623,13 +551,7 @@ mod tests {
         // back on the normal schedule: nothing more until ~3300 s after the success
         at(&r, t[3] + 3200.0).await;
         assert_eq!(r.script.calls().len(), 4);
-        assert_eq!(
-            r.metrics
-                .token_refresh_total
-                .with_label_values(&["primary", "failure"])
-                .get(),
-            3
-        );
+        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["primary", "failure"]).get(), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -652,13 +574,7 @@ mod tests {
         assert_eq!(credential(&r), "backup");
         let failovers = &r.metrics.credential_failovers_total;
         assert_eq!(failovers.with_label_values(&["primary", "backup"]).get(), 1);
-        assert_eq!(
-            r.metrics
-                .active_credential
-                .with_label_values(&["backup"])
-                .get(),
-            1
-        );
+        assert_eq!(r.metrics.active_credential.with_label_values(&["backup"]).get(), 1);
         // the primary is probed after failback_after (300 s) and works again
         at(&r, 299.0).await;
         assert_eq!(r.script.count("primary"), 1);
@@ -666,13 +582,7 @@ mod tests {
         assert_eq!(r.script.count("primary"), 2);
         assert_eq!(credential(&r), "primary");
         assert_eq!(failovers.with_label_values(&["backup", "primary"]).get(), 1);
-        assert_eq!(
-            r.metrics
-                .active_credential
-                .with_label_values(&["primary"])
-                .get(),
-            1
-        );
+        assert_eq!(r.metrics.active_credential.with_label_values(&["primary"]).get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -704,17 +614,8 @@ mod tests {
         r.script.otherwise("backup", Step::Unavailable(None));
         at(&r, 30.0).await;
         let err = r.store.current(Instant::now()).unwrap_err();
-        assert!(
-            err.message
-                .contains("credential 'primary' rejected by IAM (401)"),
-            "{}",
-            err.message
-        );
-        assert!(
-            err.message.contains("credential 'backup' IAM answered 503"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("credential 'primary' rejected by IAM (401)"), "{}", err.message);
+        assert!(err.message.contains("credential 'backup' IAM answered 503"), "{}", err.message);
         assert!(err.next_attempt > Instant::now());
     }
 
@@ -737,38 +638,21 @@ mod tests {
         let waiters: Vec<_> = (0..200)
             .map(|_| {
                 let store = r.store.clone();
-                tokio::spawn(
-                    async move { store.replace_rejected(first, Duration::from_secs(10)).await },
-                )
+                tokio::spawn(async move { store.replace_rejected(first, Duration::from_secs(10)).await })
             })
             .collect();
         for w in waiters {
-            assert_eq!(
-                w.await.unwrap().expect("a fresh token").generation(),
-                first + 1
-            );
+            assert_eq!(w.await.unwrap().expect("a fresh token").generation(), first + 1);
         }
-        assert_eq!(
-            r.script.calls().len(),
-            2,
-            "200 rejections, one forced refresh"
-        );
+        assert_eq!(r.script.calls().len(), 2, "200 rejections, one forced refresh");
         assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
         // A second rejection within min_forced_interval is refused, not waited out.
         let before = Instant::now();
-        assert!(r
-            .store
-            .replace_rejected(first + 1, Duration::from_secs(10))
-            .await
-            .is_none());
+        assert!(r.store.replace_rejected(first + 1, Duration::from_secs(10)).await.is_none());
         assert!(before.elapsed() < Duration::from_secs(1));
         assert_eq!(r.script.calls().len(), 2);
         at(&r, 12.0).await;
-        assert!(r
-            .store
-            .replace_rejected(first + 1, Duration::from_secs(10))
-            .await
-            .is_some());
+        assert!(r.store.replace_rejected(first + 1, Duration::from_secs(10)).await.is_some());
         assert_eq!(r.script.calls().len(), 3);
     }
 

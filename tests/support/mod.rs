@@ -28,16 +28,13 @@ pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub fn full(body: impl Into<Bytes>) -> TestBody {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(body.into()).map_err(|never| match never {}).boxed()
 }
 
 pub fn json_response(status: u16, body: &str) -> Response<TestBody> {
     let mut resp = Response::new(full(body.to_string()));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap();
-    resp.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+    resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
     resp
 }
 
@@ -116,15 +113,10 @@ impl FakeIam {
         let state = Arc::new(Mutex::new(IamState::default()));
         let stop = CancellationToken::new();
         let s = Arc::clone(&state);
-        tokio::spawn(serve(
-            listener,
-            settings("fake-iam"),
-            stop.clone(),
-            move |req, _| {
-                let s = Arc::clone(&s);
-                async move { Ok::<_, Infallible>(iam_handle(req, s).await) }
-            },
-        ));
+        tokio::spawn(serve(listener, settings("fake-iam"), stop.clone(), move |req, _| {
+            let s = Arc::clone(&s);
+            async move { Ok::<_, Infallible>(iam_handle(req, s).await) }
+        }));
         Self { addr, state, stop }
     }
 
@@ -134,11 +126,7 @@ impl FakeIam {
 
     /// Scripts the answer for `key_id`.
     pub fn set(&self, key_id: &str, behaviour: Iam) {
-        self.state
-            .lock()
-            .unwrap()
-            .script
-            .insert(key_id.to_string(), behaviour);
+        self.state.lock().unwrap().script.insert(key_id.to_string(), behaviour);
     }
 
     pub fn calls(&self) -> Vec<IamCall> {
@@ -150,13 +138,7 @@ impl FakeIam {
     }
 
     pub fn calls_for(&self, key_id: &str) -> usize {
-        self.state
-            .lock()
-            .unwrap()
-            .calls
-            .iter()
-            .filter(|c| c.key_id == key_id)
-            .count()
+        self.state.lock().unwrap().calls.iter().filter(|c| c.key_id == key_id).count()
     }
 
     /// Every token issued so far.
@@ -178,11 +160,7 @@ async fn iam_handle(req: Request<Incoming>, state: Arc<Mutex<IamState>>) -> Resp
     if req.method() != Method::POST || req.uri().path() != "/api/v1/auth/token" {
         return json_response(404, r#"{"error":"not found"}"#);
     }
-    let content_type = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
+    let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).map(String::from);
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return json_response(400, r#"{"error":"bad json"}"#);
@@ -197,10 +175,7 @@ async fn iam_handle(req: Request<Incoming>, state: Arc<Mutex<IamState>>) -> Resp
             content_type,
             at: Instant::now(),
         });
-        s.script
-            .get(&key_id)
-            .cloned()
-            .unwrap_or(Iam::Issue(Duration::from_secs(3600)))
+        s.script.get(&key_id).cloned().unwrap_or(Iam::Issue(Duration::from_secs(3600)))
     };
     match behaviour {
         Iam::Issue(lifetime) => {
@@ -208,11 +183,7 @@ async fn iam_handle(req: Request<Incoming>, state: Arc<Mutex<IamState>>) -> Resp
                 let mut s = state.lock().unwrap();
                 s.seq += 1;
                 let token = format!("tok{}x{:012x}", s.seq, fastrand::u64(..1 << 48));
-                let issued = Issued {
-                    key_id,
-                    expires_at: Instant::now() + lifetime,
-                    seq: s.seq,
-                };
+                let issued = Issued { key_id, expires_at: Instant::now() + lifetime, seq: s.seq };
                 s.issued.insert(token.clone(), issued);
                 token
             };
@@ -250,18 +221,12 @@ pub struct Seen {
 
 impl Seen {
     pub fn bearer(&self) -> Option<&str> {
-        self.headers
-            .get("authorization")?
-            .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")
+        self.headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ")
     }
 }
 
 type Handler = Arc<
-    dyn Fn(Request<Incoming>) -> futures_util::future::BoxFuture<'static, Response<TestBody>>
-        + Send
-        + Sync,
+    dyn Fn(Request<Incoming>) -> futures_util::future::BoxFuture<'static, Response<TestBody>> + Send + Sync,
 >;
 
 /// A scripted upstream that records every request before handing it to its handler.
@@ -386,10 +351,7 @@ impl Sidecar {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task)
-                .await
-                .expect("shutdown in time")
-                .unwrap();
+            tokio::time::timeout(WAIT, task).await.expect("shutdown in time").unwrap();
         }
     }
 }
@@ -411,14 +373,7 @@ pub async fn start_sidecar(config: Config) -> Sidecar {
     let task = tokio::spawn(app.run(async move {
         let _ = rx.await;
     }));
-    Sidecar {
-        proxy,
-        admin,
-        metrics,
-        tokens,
-        stop: Some(tx),
-        task: Some(task),
-    }
+    Sidecar { proxy, admin, metrics, tokens, stop: Some(tx), task: Some(task) }
 }
 
 /// A series' value from Prometheus text (`name{labels}` exactly as rendered, or a bare name).
@@ -433,9 +388,5 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().timeout(WAIT).build().unwrap()
 }
