@@ -15,6 +15,7 @@ use crate::admin::{Admin, Lifecycle};
 use crate::client::{self, ClientError, ClientSettings};
 use crate::config::{parse_base_url, Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::proxy::inspect::Policy;
 use crate::proxy::path::Target;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{serve, ServeSettings};
@@ -61,7 +62,7 @@ impl App {
         let admin_listener = bind("server.admin_listen", config.server.admin_listen).await?;
 
         let names: Vec<String> = config.auth.credentials.iter().map(|c| c.name.clone()).collect();
-        let metrics = Metrics::new(&names);
+        let metrics = Metrics::with_max_models(&names, config.metrics.max_models);
         let tokens = TokenStore::new();
         let lifecycle = Arc::new(Lifecycle::default());
         let quit = CancellationToken::new();
@@ -99,6 +100,8 @@ impl App {
                 access_log: config.log.access,
                 max_inflight: config.server.max_inflight,
                 queue_timeout: Duration::from_millis(config.server.queue_timeout_ms),
+                policy: Policy::new(&config.policy, config.usage.include_stream_usage),
+                usage_scan: config.usage.scan,
             },
             tokens.clone(),
             metrics.clone(),

@@ -27,6 +27,9 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub policy: PolicyConfig,
+    pub usage: UsageConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// The client-facing listeners and their limits.
@@ -186,6 +189,63 @@ pub struct CredentialConfig {
     pub key_id_file: Option<PathBuf>,
     pub secret: Option<Secret>,
     pub secret_file: Option<PathBuf>,
+}
+
+/// Limits on what callers may ask for (keys handed to untrusted callers need limits). Applies to
+/// JSON bodies of chat completions, completions, responses and embeddings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Exact model names or globs (`*`, `?`); empty allows every model. Others get 403.
+    pub allowed_models: Vec<String>,
+    /// Cap on `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
+    pub max_tokens: Option<u64>,
+    pub max_tokens_mode: MaxTokensMode,
+    /// Add the cap to requests that set no limit.
+    pub set_max_tokens_when_missing: bool,
+}
+
+/// What to do with a request over `policy.max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaxTokensMode {
+    /// 400 with an OpenAI-shaped error.
+    #[default]
+    Reject,
+    /// Lower the value to the cap and forward.
+    Clamp,
+}
+
+/// Token usage accounting from responses.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Read `usage` from JSON and SSE responses (incrementally, never delaying a byte).
+    pub scan: bool,
+    /// Add `"stream_options": {"include_usage": true}` to streaming chat requests that have no
+    /// `stream_options`, so usage is always known. Clients then see one extra chunk with empty
+    /// `choices` at the end of each stream.
+    pub include_stream_usage: bool,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self { scan: true, include_stream_usage: false }
+    }
+}
+
+/// Metric label bounds.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Distinct `model` label values at most; later models are counted as `other`.
+    pub max_models: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { max_models: 50 }
+    }
 }
 
 /// Logging.

@@ -9,6 +9,7 @@ use prometheus::{
 };
 
 use crate::proxy::path::Endpoint;
+use crate::proxy::usage::{ModelLabels, Scan};
 
 /// Buckets that resolve sub-millisecond proxy work and multi-minute streams alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -40,6 +41,13 @@ pub struct Inner {
     pub refresher_panics_total: IntCounter,
     pub queue_depth: IntGauge,
     pub queue_rejections_total: IntCounter,
+    pub llm_tokens_total: IntCounterVec,
+    pub llm_requests_total: IntCounterVec,
+    pub usage_malformed_total: IntCounter,
+    pub policy_rejections_total: IntCounterVec,
+    pub policy_rewrites_total: IntCounter,
+    /// Bounds the `model` label (`metrics.max_models`).
+    pub model_labels: ModelLabels,
 }
 
 impl std::ops::Deref for Metrics {
@@ -53,6 +61,11 @@ impl Metrics {
     /// Builds and registers every metric. `credentials` are the configured names, so the
     /// per-credential series exist (at zero) from the start.
     pub fn new(credentials: &[String]) -> Self {
+        Self::with_max_models(credentials, 50)
+    }
+
+    /// Like [`Metrics::new`], with at most `max_models` distinct `model` label values.
+    pub fn with_max_models(credentials: &[String], max_models: usize) -> Self {
         let registry = Registry::new();
         let r = &registry;
         let token_refresh_total = register(
@@ -162,6 +175,47 @@ impl Metrics {
                 "Requests answered 429 after waiting server.queue_timeout_ms for a slot.",
             ),
         );
+        let llm_tokens_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "sidekey_llm_tokens_total",
+                    "Tokens reported by upstream responses, by model and kind (prompt, completion, total, cached, reasoning).",
+                ),
+                &["model", "kind"],
+            ),
+        );
+        let llm_requests_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "sidekey_llm_requests_total",
+                    "Successful LLM responses scanned for usage, by model.",
+                ),
+                &["model", "stream"],
+            ),
+        );
+        let usage_malformed_total = register(
+            r,
+            IntCounter::new(
+                "sidekey_usage_malformed_total",
+                "Response bodies or SSE events whose usage could not be read (the request was unaffected).",
+            ),
+        );
+        let policy_rejections_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new("sidekey_policy_rejections_total", "Requests refused by the request policy."),
+                &["reason"],
+            ),
+        );
+        let policy_rewrites_total = register(
+            r,
+            IntCounter::new(
+                "sidekey_policy_rewrites_total",
+                "Request bodies rewritten by the policy (max_tokens clamped or set, stream usage requested).",
+            ),
+        );
         let build_info =
             register(r, IntGaugeVec::new(Opts::new("sidekey_build_info", "Always 1."), &["version"]));
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -196,6 +250,12 @@ impl Metrics {
             refresher_panics_total,
             queue_depth,
             queue_rejections_total,
+            llm_tokens_total,
+            llm_requests_total,
+            usage_malformed_total,
+            policy_rejections_total,
+            policy_rewrites_total,
+            model_labels: ModelLabels::new(max_models),
         }))
     }
 
@@ -211,6 +271,29 @@ impl Metrics {
     pub fn set_active_credential(&self, names: &[String], active: usize) {
         for (i, name) in names.iter().enumerate() {
             self.active_credential.with_label_values(&[name]).set(i64::from(i == active));
+        }
+    }
+
+    /// Records what a response scan found.
+    pub fn record_usage(&self, scan: &Scan, request_model: Option<&str>) {
+        if scan.malformed > 0 {
+            self.usage_malformed_total.inc_by(u64::from(scan.malformed));
+        }
+        let model = self.model_labels.label(scan.model.as_deref().or(request_model));
+        let stream = if scan.stream { "true" } else { "false" };
+        self.llm_requests_total.with_label_values(&[model.as_str(), stream]).inc();
+        let Some(u) = scan.usage else { return };
+        let kinds = [
+            ("prompt", Some(u.prompt)),
+            ("completion", Some(u.completion)),
+            ("total", Some(u.total)),
+            ("cached", u.cached),
+            ("reasoning", u.reasoning),
+        ];
+        for (kind, n) in kinds {
+            if let Some(n) = n {
+                self.llm_tokens_total.with_label_values(&[model.as_str(), kind]).inc_by(n);
+            }
         }
     }
 

@@ -20,6 +20,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::path::Endpoint;
+use super::usage::UsageScanner;
 use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -235,6 +236,10 @@ pub struct RequestGuard {
     access: Option<Box<AccessInfo>>,
     /// The `server.max_inflight` slot, held until the response body ends.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Reads token usage off the response body, when it can carry any.
+    usage: Option<Box<UsageScanner>>,
+    /// The model the request named, for responses that do not say.
+    request_model: Option<String>,
 }
 
 /// Fields of the access log line, collected only when `log.access = true`.
@@ -258,7 +263,23 @@ impl RequestGuard {
         access: Option<Box<AccessInfo>>,
     ) -> Self {
         metrics.inflight_requests.inc();
-        Self { metrics, endpoint, start, bytes_out: 0, access, slot: None }
+        Self { metrics, endpoint, start, bytes_out: 0, access, slot: None, usage: None, request_model: None }
+    }
+
+    /// Scans the response body for token usage.
+    pub fn scan_usage(&mut self, scanner: UsageScanner) {
+        self.usage = Some(Box::new(scanner));
+    }
+
+    pub fn set_request_model(&mut self, model: Option<String>) {
+        self.request_model = model;
+    }
+
+    fn observe(&mut self, data: &Bytes) {
+        self.bytes_out += data.len() as u64;
+        if let Some(scanner) = self.usage.as_mut() {
+            scanner.feed(data);
+        }
     }
 
     /// Keeps a concurrency slot until the request ends.
@@ -275,6 +296,9 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         self.metrics.inflight_requests.dec();
+        if let Some(scanner) = self.usage.take() {
+            self.metrics.record_usage(&scanner.finish(), self.request_model.as_deref());
+        }
         self.metrics.request_duration(self.endpoint).observe(elapsed.as_secs_f64());
         if let Some(a) = &self.access {
             tracing::info!(
@@ -392,7 +416,7 @@ impl Body for ResponseBody {
         };
         if let (Poll::Ready(Some(Ok(frame))), Some(guard)) = (&polled, this.guard.as_mut()) {
             if let Some(data) = frame.data_ref() {
-                guard.bytes_out += data.len() as u64;
+                guard.observe(data);
             }
         }
         polled

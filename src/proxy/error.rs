@@ -30,6 +30,8 @@ pub enum ProxyError {
     Timeout(Duration),
     #[error("reading the request body failed")]
     ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("{0}")]
+    Policy(#[from] super::inspect::PolicyError),
     #[error("building the upstream request failed")]
     BadUpstreamRequest(#[source] http::Error),
 }
@@ -44,6 +46,8 @@ impl ProxyError {
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Policy(e) if e.forbidden() => StatusCode::FORBIDDEN,
+            ProxyError::Policy(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unreachable(_) | ProxyError::BadUpstreamRequest(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -58,6 +62,7 @@ impl ProxyError {
             ProxyError::PayloadTooLarge { .. } => "request_too_large",
             ProxyError::NoToken { .. } => "no_valid_token",
             ProxyError::Overloaded { .. } => "too_many_requests",
+            ProxyError::Policy(e) => e.reason(),
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",
             ProxyError::ClientBody(_) => "bad_request_body",

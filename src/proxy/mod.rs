@@ -8,14 +8,18 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod inspect;
 pub mod path;
+pub mod usage;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -23,7 +27,9 @@ use tokio::time::Instant;
 
 use self::body::{AccessInfo, BodyShared, ReplayBody, RequestBody, RequestGuard, ResponseBody, UpstreamBody};
 use self::error::ProxyError;
+use self::inspect::{Policy, Verdict};
 use self::path::{Endpoint, PathError, Target};
+use self::usage::UsageScanner;
 use crate::client::Connector;
 use crate::metrics::Metrics;
 use crate::token::refresher::error_chain;
@@ -44,6 +50,10 @@ pub struct ProxySettings {
     /// `server.max_inflight` and how long to wait for a slot.
     pub max_inflight: Option<usize>,
     pub queue_timeout: Duration,
+    /// The request policy (`policy.*`, `usage.include_stream_usage`).
+    pub policy: Policy,
+    /// Count token usage from responses (`usage.scan`).
+    pub usage_scan: bool,
 }
 
 /// A cheap-to-clone handle on everything a request needs.
@@ -99,6 +109,12 @@ impl Proxy {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::prepare_response(&mut parts.headers);
+                if inner.settings.usage_scan && endpoint.carries_usage() && parts.status.is_success() {
+                    let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+                    if let Some(scanner) = content_type.and_then(UsageScanner::for_content_type) {
+                        guard.scan_usage(scanner);
+                    }
+                }
                 if let Some(a) = guard.access() {
                     a.status = parts.status.as_u16();
                     a.ttfb = Some(start.elapsed());
@@ -164,10 +180,20 @@ impl Proxy {
             PathError::NotFound => ProxyError::NotFound { listen: settings.listen.clone() },
             PathError::Traversal => ProxyError::BadPath,
         })?;
+        let upstream_uri = settings.target.join(rest).map_err(ProxyError::BadUpstreamRequest)?;
         let declared = content_length(&req);
         if declared.is_some_and(|len| len > settings.max_body) {
             return Err(ProxyError::PayloadTooLarge { limit: settings.max_body });
         }
+        let (mut parts, incoming) = req.into_parts();
+        // The request policy reads JSON bodies of the endpoints it applies to (within the body
+        // limit); everything else streams through untouched.
+        let outgoing =
+            if settings.policy.applies(endpoint) && parts.method == Method::POST && is_json(&parts.headers) {
+                Outgoing::Buffered(self.inspect(endpoint, incoming, &mut parts.headers, guard).await?)
+            } else {
+                Outgoing::Streaming(incoming)
+            };
         let token = inner.tokens.current(start).map_err(|u| ProxyError::NoToken {
             retry_after_secs: u.retry_after_secs(start),
             message: u.message,
@@ -175,32 +201,41 @@ impl Proxy {
         if let Some(a) = guard.access() {
             a.credential = Some(Arc::from(token.credential()));
         }
-        let uri = settings.target.join(rest).map_err(ProxyError::BadUpstreamRequest)?;
-
-        let (mut parts, body) = req.into_parts();
-        headers::prepare_request(&mut parts.headers);
-        parts.uri = uri;
+        parts.uri = upstream_uri;
         parts.version = Version::HTTP_11;
+        headers::prepare_request(&mut parts.headers);
+        let size = match &outgoing {
+            Outgoing::Buffered(bytes) => Some(bytes.len() as u64),
+            Outgoing::Streaming(_) => declared,
+        };
         let replayable =
-            settings.replay_capacity > 0 && declared.is_none_or(|len| len <= settings.replay_capacity);
+            settings.replay_capacity > 0 && size.is_none_or(|len| len <= settings.replay_capacity);
         // Kept only to rebuild the request for a replay after a 401.
         let saved = replayable.then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
         let shared = Arc::new(BodyShared::default());
-        let body = RequestBody::new(
-            body,
-            settings.max_body,
-            replayable.then_some(settings.replay_capacity),
-            Arc::clone(&shared),
-        );
+        let (body, buffered) = match outgoing {
+            Outgoing::Buffered(bytes) => {
+                (UpstreamBody::Replay { body: ReplayBody::new(vec![bytes.clone()]) }, Some(bytes))
+            }
+            Outgoing::Streaming(incoming) => {
+                let capacity = replayable.then_some(settings.replay_capacity);
+                let body = RequestBody::new(incoming, settings.max_body, capacity, Arc::clone(&shared));
+                (UpstreamBody::Streaming { body }, None)
+            }
+        };
         parts.headers.insert(AUTHORIZATION, token.header().clone());
-        let req = Request::from_parts(parts, UpstreamBody::Streaming { body });
+        let req = Request::from_parts(parts, body);
 
         let resp = self.send(req, endpoint, start, &shared).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
         inner.metrics.upstream_unauthorized_total.inc();
-        let (Some((method, uri, headers)), Some(chunks)) = (saved, shared.replayable()) else {
+        let chunks = match buffered {
+            Some(bytes) => Some(vec![bytes]),
+            None => shared.replayable(),
+        };
+        let (Some((method, uri, headers)), Some(chunks)) = (saved, chunks) else {
             // Not replayable (too large, or still streaming): pass the 401 through, but get the
             // next request a fresh token.
             inner.tokens.report_rejected(token.generation());
@@ -233,6 +268,42 @@ impl Proxy {
         Ok(resp)
     }
 
+    /// Reads a JSON request body (within the body limit) and applies the request policy.
+    async fn inspect(
+        &self,
+        endpoint: Endpoint,
+        body: Incoming,
+        headers: &mut http::HeaderMap,
+        guard: &mut RequestGuard,
+    ) -> Result<Bytes, ProxyError> {
+        let inner = &*self.inner;
+        let limit = usize::try_from(inner.settings.max_body).unwrap_or(usize::MAX);
+        let bytes = match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => {
+                return Err(ProxyError::PayloadTooLarge { limit: inner.settings.max_body })
+            }
+            Err(e) => return Err(ProxyError::ClientBody(e)),
+        };
+        match inner.settings.policy.inspect(endpoint, &bytes) {
+            Ok(Verdict::Unchanged { model }) => {
+                guard.set_request_model(model);
+                Ok(bytes)
+            }
+            Ok(Verdict::Rewritten { body, model }) => {
+                inner.metrics.policy_rewrites_total.inc();
+                // The client's length no longer holds; hyper sets it from the new body.
+                headers.remove(CONTENT_LENGTH);
+                guard.set_request_model(model);
+                Ok(body)
+            }
+            Err(e) => {
+                inner.metrics.policy_rejections_total.with_label_values(&[e.reason()]).inc();
+                Err(ProxyError::Policy(e))
+            }
+        }
+    }
+
     /// Sends upstream and waits for the response headers, bounded by the idle timeout and the
     /// request deadline.
     async fn send(
@@ -263,6 +334,19 @@ impl Proxy {
     pub fn target(&self) -> &Target {
         &self.inner.settings.target
     }
+}
+
+/// The request body on its way up: read whole for the policy, or streamed.
+enum Outgoing {
+    Buffered(Bytes),
+    Streaming(Incoming),
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/json"))
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {

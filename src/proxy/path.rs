@@ -47,6 +47,14 @@ impl Endpoint {
         }
     }
 
+    /// True for the endpoints whose responses report token usage.
+    pub fn carries_usage(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses | Endpoint::Embeddings
+        )
+    }
+
     /// Classifies a client path (`/v1/chat/completions`, ...).
     pub fn classify(path: &str) -> Endpoint {
         let Some(rest) = path.strip_prefix(API_PREFIX).and_then(|r| r.strip_prefix('/')) else {

@@ -1,0 +1,307 @@
+//! Request policy on JSON bodies: allowed models, a cap on output tokens, and the optional
+//! `stream_options.include_usage` rewrite. Pure functions on bytes; the original bytes are
+//! forwarded untouched unless a rule rewrites them.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::path::Endpoint;
+use crate::config::{MaxTokensMode, PolicyConfig};
+
+/// A compiled `policy` section plus `usage.include_stream_usage`.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    allowed_models: Vec<Glob>,
+    max_tokens: Option<u64>,
+    mode: MaxTokensMode,
+    set_when_missing: bool,
+    include_stream_usage: bool,
+}
+
+/// What the policy decided about a request body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward the original bytes.
+    Unchanged { model: Option<String> },
+    /// Forward these bytes instead.
+    Rewritten { body: Bytes, model: Option<String> },
+}
+
+/// Why a request is refused. Messages name the model or field, never anything else from the body.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("model '{0}' is not allowed here (policy.allowed_models)")]
+    ModelNotAllowed(String),
+    #[error("the request names no model; policy.allowed_models requires one")]
+    ModelMissing,
+    #[error("{field} = {value} exceeds the limit of {limit} (policy.max_tokens)")]
+    MaxTokensExceeded { field: &'static str, value: u64, limit: u64 },
+    #[error("{0} must be a non-negative integer")]
+    BadMaxTokens(&'static str),
+    #[error("the request body is not a JSON object; the request policy needs one")]
+    NotJson,
+}
+
+impl PolicyError {
+    /// The label for `sidekey_policy_rejections_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PolicyError::ModelNotAllowed(_) | PolicyError::ModelMissing => "model_not_allowed",
+            PolicyError::MaxTokensExceeded { .. } => "max_tokens_exceeded",
+            PolicyError::BadMaxTokens(_) | PolicyError::NotJson => "invalid_body",
+        }
+    }
+
+    /// 403 for a model outside the allow-list, 400 for everything else.
+    pub fn forbidden(&self) -> bool {
+        matches!(self, PolicyError::ModelNotAllowed(_))
+    }
+}
+
+/// The token-limit fields each endpoint knows, the first being the one set when missing.
+fn limit_fields(endpoint: Endpoint) -> &'static [&'static str] {
+    match endpoint {
+        Endpoint::ChatCompletions => &["max_tokens", "max_completion_tokens"],
+        Endpoint::Completions => &["max_tokens"],
+        Endpoint::Responses => &["max_output_tokens"],
+        _ => &[],
+    }
+}
+
+impl Policy {
+    pub fn new(policy: &PolicyConfig, include_stream_usage: bool) -> Self {
+        Self {
+            allowed_models: policy.allowed_models.iter().map(|p| Glob(p.clone())).collect(),
+            max_tokens: policy.max_tokens,
+            mode: policy.max_tokens_mode,
+            set_when_missing: policy.set_max_tokens_when_missing,
+            include_stream_usage,
+        }
+    }
+
+    fn enforces(&self) -> bool {
+        !self.allowed_models.is_empty() || self.max_tokens.is_some()
+    }
+
+    /// True if requests to `endpoint` need their body read.
+    pub fn applies(&self, endpoint: Endpoint) -> bool {
+        let model_endpoint = matches!(
+            endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses | Endpoint::Embeddings
+        );
+        (model_endpoint && self.enforces())
+            || (endpoint == Endpoint::ChatCompletions && self.include_stream_usage)
+    }
+
+    /// Applies the rules to a request body for `endpoint`.
+    pub fn inspect(&self, endpoint: Endpoint, body: &[u8]) -> Result<Verdict, PolicyError> {
+        let mut json: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(map)) => map,
+            _ if self.enforces() => return Err(PolicyError::NotJson),
+            _ => return Ok(Verdict::Unchanged { model: None }),
+        };
+        let model = json.get("model").and_then(Value::as_str).map(str::to_string);
+        if !self.allowed_models.is_empty() {
+            match &model {
+                None => return Err(PolicyError::ModelMissing),
+                Some(m) if !self.allowed_models.iter().any(|g| g.matches(m)) => {
+                    return Err(PolicyError::ModelNotAllowed(m.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut changed = false;
+        if let Some(limit) = self.max_tokens {
+            let fields = limit_fields(endpoint);
+            let mut present = false;
+            for &field in fields {
+                let Some(value) = json.get(field) else { continue };
+                if value.is_null() {
+                    continue;
+                }
+                present = true;
+                let n = value.as_u64().ok_or(PolicyError::BadMaxTokens(field))?;
+                if n > limit {
+                    match self.mode {
+                        MaxTokensMode::Reject => {
+                            return Err(PolicyError::MaxTokensExceeded { field, value: n, limit })
+                        }
+                        MaxTokensMode::Clamp => {
+                            json.insert(field.to_string(), Value::from(limit));
+                            changed = true;
+                        }
+                    }
+                }
+            }
+            if !present && self.set_when_missing {
+                if let Some(&field) = fields.first() {
+                    json.insert(field.to_string(), Value::from(limit));
+                    changed = true;
+                }
+            }
+        }
+        if self.include_stream_usage
+            && endpoint == Endpoint::ChatCompletions
+            && json.get("stream") == Some(&Value::Bool(true))
+            && !json.contains_key("stream_options")
+        {
+            json.insert("stream_options".into(), serde_json::json!({"include_usage": true}));
+            changed = true;
+        }
+        if !changed {
+            return Ok(Verdict::Unchanged { model });
+        }
+        let body = serde_json::to_vec(&json).map_err(|_| PolicyError::NotJson)?;
+        Ok(Verdict::Rewritten { body: Bytes::from(body), model })
+    }
+}
+
+/// A model pattern: exact, or with `*` (any run) and `?` (one character).
+#[derive(Debug, Clone)]
+struct Glob(String);
+
+impl Glob {
+    fn matches(&self, text: &str) -> bool {
+        glob_match(self.0.as_bytes(), text.as_bytes())
+    }
+}
+
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    // Iterative matching with one backtrack point: linear-ish, no recursion to blow up.
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(models: &[&str], max: Option<u64>, mode: MaxTokensMode, set: bool, usage: bool) -> Policy {
+        Policy::new(
+            &PolicyConfig {
+                allowed_models: models.iter().map(|s| s.to_string()).collect(),
+                max_tokens: max,
+                max_tokens_mode: mode,
+                set_max_tokens_when_missing: set,
+            },
+            usage,
+        )
+    }
+
+    fn rewritten(v: Result<Verdict, PolicyError>) -> Value {
+        match v.unwrap() {
+            Verdict::Rewritten { body, .. } => serde_json::from_slice(&body).unwrap(),
+            other => panic!("expected a rewrite, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn globs() {
+        for (p, t, want) in [
+            ("GigaChat/*", "GigaChat/GigaChat-2-Max", true),
+            ("GigaChat/*", "Qwen/Qwen3", false),
+            ("*-Max", "GigaChat/GigaChat-2-Max", true),
+            ("gpt-4?", "gpt-4o", true),
+            ("gpt-4?", "gpt-4", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("*", "", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+        ] {
+            assert_eq!(glob_match(p.as_bytes(), t.as_bytes()), want, "{p} ~ {t}");
+        }
+    }
+
+    #[test]
+    fn models_outside_the_allow_list_are_refused_by_name() {
+        let p = policy(&["GigaChat/*"], None, MaxTokensMode::Reject, false, false);
+        let body = br#"{"model":"Qwen/Qwen3-235B","messages":[]}"#;
+        let err = p.inspect(Endpoint::ChatCompletions, body).unwrap_err();
+        assert_eq!(err, PolicyError::ModelNotAllowed("Qwen/Qwen3-235B".into()));
+        assert!(err.forbidden());
+        assert_eq!(
+            p.inspect(Endpoint::Embeddings, br#"{"model":"GigaChat/Embeddings","input":"x"}"#).unwrap(),
+            Verdict::Unchanged { model: Some("GigaChat/Embeddings".into()) }
+        );
+        assert_eq!(p.inspect(Endpoint::ChatCompletions, b"{}").unwrap_err(), PolicyError::ModelMissing);
+        assert_eq!(p.inspect(Endpoint::ChatCompletions, b"not json").unwrap_err(), PolicyError::NotJson);
+    }
+
+    #[test]
+    fn max_tokens_reject_clamp_and_set() {
+        let reject = policy(&[], Some(100), MaxTokensMode::Reject, false, false);
+        let body = br#"{"model":"m","max_tokens":500}"#;
+        assert_eq!(
+            reject.inspect(Endpoint::ChatCompletions, body).unwrap_err(),
+            PolicyError::MaxTokensExceeded { field: "max_tokens", value: 500, limit: 100 }
+        );
+        let ok = br#"{"model":"m","max_completion_tokens":50}"#;
+        assert!(matches!(reject.inspect(Endpoint::ChatCompletions, ok), Ok(Verdict::Unchanged { .. })));
+
+        let clamp = policy(&[], Some(100), MaxTokensMode::Clamp, false, false);
+        let v = rewritten(
+            clamp.inspect(Endpoint::Responses, br#"{"model":"m","max_output_tokens":9000,"input":"hi"}"#),
+        );
+        assert_eq!(v["max_output_tokens"], 100);
+        assert_eq!(v["input"], "hi");
+
+        let set = policy(&[], Some(100), MaxTokensMode::Clamp, true, false);
+        let v = rewritten(set.inspect(Endpoint::Completions, br#"{"model":"m","prompt":"x"}"#));
+        assert_eq!(v["max_tokens"], 100);
+        assert_eq!(
+            reject.inspect(Endpoint::ChatCompletions, br#"{"model":"m","max_tokens":"lots"}"#).unwrap_err(),
+            PolicyError::BadMaxTokens("max_tokens")
+        );
+    }
+
+    #[test]
+    fn stream_usage_is_requested_only_when_absent() {
+        let p = policy(&[], None, MaxTokensMode::Reject, false, true);
+        assert!(p.applies(Endpoint::ChatCompletions));
+        assert!(!p.applies(Endpoint::Embeddings));
+        let v =
+            rewritten(p.inspect(Endpoint::ChatCompletions, br#"{"model":"m","stream":true,"messages":[]}"#));
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        // key order and other fields are kept
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["model", "stream", "messages", "stream_options"]);
+        for untouched in [
+            &br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#[..],
+            br#"{"model":"m","stream":false}"#,
+            br#"{"model":"m"}"#,
+            b"not json at all",
+        ] {
+            assert!(matches!(p.inspect(Endpoint::ChatCompletions, untouched), Ok(Verdict::Unchanged { .. })));
+        }
+    }
+
+    #[test]
+    fn an_inactive_policy_reads_nothing() {
+        let p = Policy::default();
+        for e in Endpoint::ALL {
+            assert!(!p.applies(e));
+        }
+    }
+}

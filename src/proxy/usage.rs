@@ -1,0 +1,401 @@
+//! Token usage from responses, read off the passing bytes: an incremental SSE scanner for
+//! streams, and a bounded side copy for JSON bodies. Nothing is delayed or held back from the
+//! client; malformed or unexpected payloads are counted, never fatal.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+/// Longest SSE event (or JSON body) examined; larger ones are skipped and counted as malformed.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+
+/// Token counts as the API reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+    pub cached: Option<u64>,
+    pub reasoning: Option<u64>,
+}
+
+/// What a scan found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    pub model: Option<String>,
+    pub usage: Option<Usage>,
+    pub stream: bool,
+    /// Events or bodies that could not be read.
+    pub malformed: u32,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Sse { line: Vec<u8>, line_overflow: bool, event: Vec<u8>, event_overflow: bool },
+    Json { chunks: Vec<Bytes>, size: usize, overflow: bool },
+}
+
+/// Scans one response body.
+#[derive(Debug)]
+pub struct UsageScanner {
+    mode: Mode,
+    scan: Scan,
+}
+
+impl UsageScanner {
+    /// A scanner for a response of this content type, if it is one that can carry usage.
+    pub fn for_content_type(content_type: &str) -> Option<Self> {
+        let ct = content_type.trim_start().to_ascii_lowercase();
+        let (mode, stream) = if ct.starts_with("text/event-stream") {
+            let mode = Mode::Sse {
+                line: Vec::new(),
+                line_overflow: false,
+                event: Vec::new(),
+                event_overflow: false,
+            };
+            (mode, true)
+        } else if ct.starts_with("application/json") {
+            (Mode::Json { chunks: Vec::new(), size: 0, overflow: false }, false)
+        } else {
+            return None;
+        };
+        Some(Self { mode, scan: Scan { stream, ..Scan::default() } })
+    }
+
+    /// Looks at the next piece of the body (any split, any size).
+    pub fn feed(&mut self, data: &Bytes) {
+        match &mut self.mode {
+            Mode::Json { chunks, size, overflow } => {
+                if *overflow {
+                    return;
+                }
+                *size += data.len();
+                if *size > MAX_EVENT_BYTES {
+                    *overflow = true;
+                    chunks.clear();
+                } else {
+                    chunks.push(data.clone());
+                }
+            }
+            Mode::Sse { .. } => {
+                let mut rest = &data[..];
+                while !rest.is_empty() {
+                    let (piece, complete) = match rest.iter().position(|&b| b == b'\n') {
+                        Some(i) => (&rest[..i], true),
+                        None => (rest, false),
+                    };
+                    rest = if complete { &rest[piece.len() + 1..] } else { &[] };
+                    self.push_line_piece(piece, complete);
+                }
+            }
+        }
+    }
+
+    fn push_line_piece(&mut self, piece: &[u8], complete: bool) {
+        let Mode::Sse { line, line_overflow, .. } = &mut self.mode else { return };
+        if !*line_overflow {
+            if line.len() + piece.len() > MAX_EVENT_BYTES {
+                *line_overflow = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(piece);
+            }
+        }
+        if complete {
+            let overflowed = std::mem::take(line_overflow);
+            let text = std::mem::take(line);
+            self.on_line(&text, overflowed);
+        }
+    }
+
+    fn on_line(&mut self, line: &[u8], overflowed: bool) {
+        let Mode::Sse { event, event_overflow, .. } = &mut self.mode else { return };
+        if overflowed {
+            *event_overflow = true;
+            return;
+        }
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            let data = std::mem::take(event);
+            let overflow = std::mem::take(event_overflow);
+            self.on_event(&data, overflow);
+            return;
+        }
+        if let Some(payload) = line.strip_prefix(b"data:") {
+            let payload = payload.strip_prefix(b" ").unwrap_or(payload);
+            if !event.is_empty() {
+                event.push(b'\n');
+            }
+            if event.len() + payload.len() > MAX_EVENT_BYTES {
+                *event_overflow = true;
+            } else {
+                event.extend_from_slice(payload);
+            }
+        }
+    }
+
+    fn on_event(&mut self, data: &[u8], overflow: bool) {
+        if overflow {
+            self.scan.malformed += 1;
+            return;
+        }
+        if data.is_empty() || data == b"[DONE]" {
+            return;
+        }
+        // Most chunks carry neither a new model nor usage: parse only those that may.
+        if self.scan.model.is_some() && !contains(data, b"\"usage\"") {
+            return;
+        }
+        match serde_json::from_slice::<Value>(data) {
+            Ok(v) => self.absorb(&v),
+            Err(_) => self.scan.malformed += 1,
+        }
+    }
+
+    fn absorb(&mut self, v: &Value) {
+        let inner = v.get("response").filter(|r| r.is_object());
+        if self.scan.model.is_none() {
+            let model = v.get("model").or_else(|| inner.and_then(|r| r.get("model")));
+            self.scan.model = model.and_then(Value::as_str).map(str::to_string);
+        }
+        let usage = v.get("usage").or_else(|| inner.and_then(|r| r.get("usage")));
+        if let Some(u) = usage.filter(|u| u.is_object()).and_then(parse_usage) {
+            self.scan.usage = Some(u);
+        }
+    }
+
+    /// Ends the scan (at the end of the body, or when the client went away).
+    pub fn finish(mut self) -> Scan {
+        match std::mem::replace(&mut self.mode, Mode::Json { chunks: Vec::new(), size: 0, overflow: false }) {
+            Mode::Json { chunks, overflow, .. } => {
+                if overflow {
+                    self.scan.malformed += 1;
+                } else if !chunks.is_empty() {
+                    let body: Vec<u8> = chunks.concat();
+                    match serde_json::from_slice::<Value>(&body) {
+                        Ok(v) => self.absorb(&v),
+                        Err(_) => self.scan.malformed += 1,
+                    }
+                }
+            }
+            Mode::Sse { line, line_overflow, event, event_overflow } => {
+                // A stream that ended without a final newline still counts its last event.
+                self.mode = Mode::Sse { line: Vec::new(), line_overflow: false, event, event_overflow };
+                if !line.is_empty() || line_overflow {
+                    self.on_line(&line, line_overflow);
+                }
+                self.on_line(b"", false);
+            }
+        }
+        self.scan
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn parse_usage(u: &Value) -> Option<Usage> {
+    let num = |keys: &[&str]| keys.iter().find_map(|k| u.get(*k).and_then(Value::as_u64));
+    let nested = |outer: &[&str], key: &str| {
+        outer.iter().find_map(|o| u.get(*o).and_then(|d| d.get(key)).and_then(Value::as_u64))
+    };
+    let prompt = num(&["prompt_tokens", "input_tokens"]);
+    let completion = num(&["completion_tokens", "output_tokens"]);
+    let total = num(&["total_tokens"]);
+    if prompt.is_none() && completion.is_none() && total.is_none() {
+        return None;
+    }
+    let (prompt, completion) = (prompt.unwrap_or(0), completion.unwrap_or(0));
+    Some(Usage {
+        prompt,
+        completion,
+        total: total.unwrap_or(prompt + completion),
+        cached: nested(&["prompt_tokens_details", "input_tokens_details"], "cached_tokens"),
+        reasoning: nested(&["completion_tokens_details", "output_tokens_details"], "reasoning_tokens"),
+    })
+}
+
+/// Bounds the `model` label: the first `max` distinct models keep their name, later ones are
+/// `other`.
+#[derive(Debug)]
+pub struct ModelLabels {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl ModelLabels {
+    pub fn new(max: usize) -> Self {
+        Self { max, seen: Mutex::new(HashSet::new()) }
+    }
+
+    /// The label for `model` (`unknown` when none was reported).
+    pub fn label(&self, model: Option<&str>) -> String {
+        let Some(model) = model.filter(|m| !m.is_empty()) else { return "unknown".into() };
+        // Label values stay printable and short whatever upstream sends.
+        let model: String =
+            model.chars().filter(|c| !c.is_control()).take(128).collect::<String>().replace('"', "'");
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&model) {
+            return model;
+        }
+        if seen.len() < self.max {
+            seen.insert(model.clone());
+            return model;
+        }
+        "other".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"c1\",\"model\":\"GigaChat/GigaChat-2-Max\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"model\":\"GigaChat/GigaChat-2-Max\",\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        ": keep-alive comment\n\n",
+        "data: {\"id\":\"c1\",\"model\":\"GigaChat/GigaChat-2-Max\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,\"total_tokens\":15,",
+        "\"prompt_tokens_details\":{\"cached_tokens\":4},\"completion_tokens_details\":{\"reasoning_tokens\":1}}}\r\n\r\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn scan(content_type: &str, pieces: &[&[u8]]) -> Scan {
+        let mut s = UsageScanner::for_content_type(content_type).unwrap();
+        for p in pieces {
+            s.feed(&Bytes::copy_from_slice(p));
+        }
+        s.finish()
+    }
+
+    fn want() -> Usage {
+        Usage { prompt: 12, completion: 3, total: 15, cached: Some(4), reasoning: Some(1) }
+    }
+
+    #[test]
+    fn chat_stream_with_include_usage() {
+        let s = scan("text/event-stream; charset=utf-8", &[STREAM.as_bytes()]);
+        assert_eq!(s.model.as_deref(), Some("GigaChat/GigaChat-2-Max"));
+        assert_eq!(s.usage, Some(want()));
+        assert!(s.stream);
+        assert_eq!(s.malformed, 0);
+    }
+
+    #[test]
+    fn byte_by_byte_gives_the_same_result() {
+        let pieces: Vec<&[u8]> = STREAM.as_bytes().chunks(1).collect();
+        assert_eq!(scan("text/event-stream", &pieces), scan("text/event-stream", &[STREAM.as_bytes()]));
+    }
+
+    #[test]
+    fn json_body_and_responses_api_shapes() {
+        let body = br#"{"id":"x","object":"chat.completion","model":"m1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+        let s = scan("application/json", &[&body[..10], &body[10..]]);
+        assert_eq!(s.model.as_deref(), Some("m1"));
+        assert_eq!(
+            s.usage,
+            Some(Usage { prompt: 5, completion: 7, total: 12, cached: None, reasoning: None })
+        );
+        let responses = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"m2\",\"usage\":null}}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"m2\",",
+            "\"usage\":{\"input_tokens\":9,\"output_tokens\":2,\"total_tokens\":11,\"input_tokens_details\":{\"cached_tokens\":0},",
+            "\"output_tokens_details\":{\"reasoning_tokens\":0}}}}\n\n"
+        );
+        let s = scan("text/event-stream", &[responses.as_bytes()]);
+        assert_eq!(s.model.as_deref(), Some("m2"));
+        assert_eq!(
+            s.usage,
+            Some(Usage { prompt: 9, completion: 2, total: 11, cached: Some(0), reasoning: Some(0) })
+        );
+        let embeddings =
+            br#"{"object":"list","data":[],"model":"emb","usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+        let s = scan("application/json", &[embeddings]);
+        assert_eq!(
+            s.usage,
+            Some(Usage { prompt: 4, completion: 0, total: 4, cached: None, reasoning: None })
+        );
+    }
+
+    #[test]
+    fn malformed_payloads_are_counted_not_fatal() {
+        let s = scan("text/event-stream", &[b"data: {not json\n\ndata: {\"model\":\"m\"}\n\n"]);
+        assert_eq!(s.malformed, 1);
+        assert_eq!(s.model.as_deref(), Some("m"));
+        assert_eq!(s.usage, None);
+        let s = scan("application/json", &[b"<html>"]);
+        assert_eq!(s.malformed, 1);
+        let huge = vec![b'x'; MAX_EVENT_BYTES + 10];
+        let s = scan(
+            "text/event-stream",
+            &[b"data: ", &huge, b"\n\ndata: {\"model\":\"m\",\"usage\":{\"total_tokens\":3}}\n\n"],
+        );
+        assert_eq!(s.malformed, 1);
+        assert_eq!(s.usage.map(|u| u.total), Some(3), "recovers after an oversized event");
+        assert!(UsageScanner::for_content_type("audio/mpeg").is_none());
+    }
+
+    #[test]
+    fn a_last_event_without_a_blank_line_still_counts() {
+        let s = scan("text/event-stream", &[b"data: {\"model\":\"m\",\"usage\":{\"total_tokens\":3}}"]);
+        assert_eq!(s.usage.map(|u| u.total), Some(3));
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let labels = ModelLabels::new(2);
+        assert_eq!(labels.label(Some("a")), "a");
+        assert_eq!(labels.label(Some("b")), "b");
+        assert_eq!(labels.label(Some("c")), "other");
+        assert_eq!(labels.label(Some("a")), "a");
+        assert_eq!(labels.label(None), "unknown");
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Splitting a stream anywhere, into any number of pieces, never changes what is found.
+        #[test]
+        fn any_chunking_gives_the_same_scan(cuts in proptest::collection::vec(0usize..2000, 0..40), crlf in any::<bool>()) {
+            let mut stream = String::new();
+            for i in 0..5 {
+                stream.push_str(&format!("data: {{\"model\":\"m\",\"choices\":[{{\"delta\":{{\"content\":\"tok{i}\"}}}}]}}\n\n"));
+            }
+            stream.push_str("data: {\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5,\"total_tokens\":8}}\n\ndata: [DONE]\n\n");
+            if crlf {
+                stream = stream.replace('\n', "\r\n");
+            }
+            let bytes = stream.as_bytes();
+            let mut points: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.sort_unstable();
+            let mut scanner = UsageScanner::for_content_type("text/event-stream").unwrap();
+            let mut last = 0;
+            for p in points.into_iter().chain([bytes.len()]) {
+                scanner.feed(&Bytes::copy_from_slice(&bytes[last..p]));
+                last = p;
+            }
+            let s = scanner.finish();
+            prop_assert_eq!(s.usage, Some(Usage { prompt: 3, completion: 5, total: 8, cached: None, reasoning: None }));
+            prop_assert_eq!(s.model.as_deref(), Some("m"));
+            prop_assert_eq!(s.malformed, 0);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048), split in 0usize..2048) {
+            for ct in ["text/event-stream", "application/json"] {
+                let mut s = UsageScanner::for_content_type(ct).unwrap();
+                let at = split.min(data.len());
+                s.feed(&Bytes::copy_from_slice(&data[..at]));
+                s.feed(&Bytes::copy_from_slice(&data[at..]));
+                let _ = s.finish();
+            }
+        }
+    }
+}
