@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Lifecycle};
 use crate::client::{self, ClientError, ClientSettings};
+use crate::config::Provider;
 use crate::config::{parse_base_url, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::inspect::Policy;
@@ -20,7 +21,7 @@ use crate::proxy::path::Target;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{serve, ServeSettings};
 use crate::token::credential::CredentialSource;
-use crate::token::iam::IamClient;
+use crate::token::iam::{Protocol, TokenClient};
 use crate::token::refresher::{RefreshSettings, Refresher};
 use crate::token::TokenStore;
 
@@ -52,7 +53,7 @@ pub struct App {
     tokens: TokenStore,
     lifecycle: Arc<Lifecycle>,
     quit: CancellationToken,
-    refresher: Refresher<IamClient>,
+    refresher: Refresher<TokenClient>,
 }
 
 impl App {
@@ -114,15 +115,25 @@ impl App {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 4,
         };
-        let iam = IamClient::new(
+        let protocol = match a.provider {
+            Provider::CloudruIam => Protocol::CloudruIam,
+            Provider::Static => Protocol::Static,
+            Provider::Oauth2ClientCredentials => Protocol::OAuth2 {
+                scope: a.scope.clone(),
+                audience: a.audience.clone(),
+                client_auth: a.client_auth,
+            },
+        };
+        let iam = TokenClient::new(
             client::build(client::connector(&iam_settings)?, &iam_settings),
             parse_base_url("auth.token_url", &a.token_url)?,
             Duration::from_secs(a.timeout_secs),
+            protocol,
         );
         let creds = a
             .credentials
             .iter()
-            .map(|c| CredentialSource::from_config(c, a.world_readable_secret_files))
+            .map(|c| CredentialSource::from_config(c, a.provider, a.world_readable_secret_files))
             .collect();
         let refresher =
             Refresher::new(iam, tokens.clone(), creds, RefreshSettings::from_config(a), metrics.clone());
@@ -188,6 +199,7 @@ impl App {
             listen = %proxy_addr,
             admin_listen = %admin_addr,
             upstream = %config.upstream.base_url,
+            provider = config.auth.provider.as_str(),
             token_url = %config.auth.token_url,
             credentials = ?names,
             "sidekey started"

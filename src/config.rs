@@ -129,8 +129,14 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// Cloud.ru IAM token endpoint.
+    /// How tokens are obtained.
+    pub provider: Provider,
+    /// The token endpoint (Cloud.ru IAM, or the OAuth2 server's token endpoint).
     pub token_url: String,
+    /// OAuth2 only: requested scope and audience, and how the client authenticates.
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub client_auth: ClientAuth,
     /// Refresh this long before expiry (short-lived tokens: at the latest at half their life).
     pub refresh_before_secs: u64,
     /// A token is never sent once it is this close to expiry.
@@ -161,7 +167,11 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
-            token_url: "https://iam.api.cloud.ru/api/v1/auth/token".into(),
+            provider: Provider::CloudruIam,
+            token_url: DEFAULT_TOKEN_URL.into(),
+            scope: None,
+            audience: None,
+            client_auth: ClientAuth::Basic,
             refresh_before_secs: 300,
             expiry_margin_secs: 5,
             connect_timeout_secs: 5,
@@ -179,16 +189,70 @@ impl Default for AuthConfig {
     }
 }
 
-/// One `key_id`/`secret` pair, inline or from files (Kubernetes Secret volumes).
+/// The Cloud.ru IAM endpoint.
+pub const DEFAULT_TOKEN_URL: &str = "https://iam.api.cloud.ru/api/v1/auth/token";
+
+/// Where tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// `POST {keyId, secret}` to Cloud.ru IAM; credentials take `key_id` and `secret`.
+    #[default]
+    CloudruIam,
+    /// A static API key sent as `Bearer` (Cloud.ru API keys, any OpenAI-compatible key);
+    /// credentials take `api_key`. Files are re-read, so rotation needs no restart.
+    Static,
+    /// RFC 6749 §4.4 against any token endpoint; credentials take `client_id` and `client_secret`.
+    Oauth2ClientCredentials,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::CloudruIam => "cloudru_iam",
+            Provider::Static => "static",
+            Provider::Oauth2ClientCredentials => "oauth2_client_credentials",
+        }
+    }
+}
+
+/// How an OAuth2 client authenticates to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// HTTP Basic (`client_secret_basic`), the RFC's default.
+    #[default]
+    Basic,
+    /// `client_id`/`client_secret` in the form body (`client_secret_post`).
+    Body,
+}
+
+/// One credential, inline or from files (Kubernetes Secret volumes). Which fields it takes
+/// depends on `auth.provider`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CredentialConfig {
     /// Shown in logs, metrics and errors; never the key id itself.
     pub name: String,
+    /// Cloud.ru IAM.
     pub key_id: Option<Secret>,
     pub key_id_file: Option<PathBuf>,
     pub secret: Option<Secret>,
     pub secret_file: Option<PathBuf>,
+    /// Static provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    /// OAuth2 client credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
 }
 
 /// Limits on what callers may ask for (keys handed to untrusted callers need limits). Applies to
@@ -427,6 +491,18 @@ impl Config {
 
     fn validate_auth(&self) -> Result<(), ConfigError> {
         let a = &self.auth;
+        if a.provider == Provider::Oauth2ClientCredentials && a.token_url == DEFAULT_TOKEN_URL {
+            return Err(ConfigError::invalid(
+                "auth.token_url",
+                "set it to your OAuth2 server's token endpoint (the default is Cloud.ru IAM's)",
+            ));
+        }
+        if a.provider != Provider::Oauth2ClientCredentials && (a.scope.is_some() || a.audience.is_some()) {
+            return Err(ConfigError::invalid(
+                "auth.scope",
+                "scope and audience apply to oauth2_client_credentials only",
+            ));
+        }
         parse_base_url("auth.token_url", &a.token_url)?;
         positive("auth.connect_timeout_secs", a.connect_timeout_secs)?;
         positive("auth.timeout_secs", a.timeout_secs)?;
@@ -461,8 +537,33 @@ impl Config {
             if !names.insert(c.name.as_str()) {
                 return Err(ConfigError::invalid(key("name"), format!("duplicate name '{}'", c.name)));
             }
-            one_source(&key("key_id"), &key("key_id_file"), c.key_id.as_ref(), c.key_id_file.as_ref())?;
-            one_source(&key("secret"), &key("secret_file"), c.secret.as_ref(), c.secret_file.as_ref())?;
+            let fields = [
+                ("key_id", c.key_id.as_ref(), c.key_id_file.as_ref()),
+                ("secret", c.secret.as_ref(), c.secret_file.as_ref()),
+                ("api_key", c.api_key.as_ref(), c.api_key_file.as_ref()),
+                ("client_id", c.client_id.as_ref(), c.client_id_file.as_ref()),
+                ("client_secret", c.client_secret.as_ref(), c.client_secret_file.as_ref()),
+            ];
+            let wanted: &[&str] = match self.auth.provider {
+                Provider::CloudruIam => &["key_id", "secret"],
+                Provider::Static => &["api_key"],
+                Provider::Oauth2ClientCredentials => &["client_id", "client_secret"],
+            };
+            for (field, inline, file) in fields {
+                let file_key = key(&format!("{field}_file"));
+                if wanted.contains(&field) {
+                    one_source(&key(field), &file_key, inline, file)?;
+                } else if inline.is_some() || file.is_some() {
+                    return Err(ConfigError::invalid(
+                        key(field),
+                        format!(
+                            "not used with auth.provider = \"{}\" (it takes {})",
+                            self.auth.provider.as_str(),
+                            wanted.join(" and ")
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -179,3 +179,42 @@ fn the_example_config_documents_every_key_and_loads() {
     }
     inline.validate().expect("the example validates once its files exist");
 }
+
+#[test]
+fn the_provider_examples_load_and_validate() {
+    for path in ["config/static.example.toml", "config/oauth2.example.toml"] {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut config: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        for c in &mut config.auth.credentials {
+            if c.api_key_file.take().is_some() {
+                c.api_key = Some("k".into());
+            }
+            if c.client_id_file.take().is_some() {
+                c.client_id = Some("id".into());
+            }
+            if c.client_secret_file.take().is_some() {
+                c.client_secret = Some("s".into());
+            }
+        }
+        config.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+}
+
+#[test]
+fn provider_fields_are_checked() {
+    let path = temp_config(
+        "mixed.toml",
+        "[auth]\nprovider = \"static\"\n[[auth.credentials]]\nname = \"p\"\nkey_id = \"k\"\napi_key = \"a\"\n",
+    );
+    let out = sidekey(&["check", "--config", path.to_str().unwrap()], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr.contains("auth.credentials[0].key_id") && stderr.contains("static"), "{stderr}");
+    let path = temp_config(
+        "oauth.toml",
+        "[auth]\nprovider = \"oauth2_client_credentials\"\n[[auth.credentials]]\nname = \"p\"\nclient_id = \"i\"\nclient_secret = \"s\"\n",
+    );
+    let out = sidekey(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out).1.contains("auth.token_url"));
+}

@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::config::{CredentialConfig, FilePolicy};
+use crate::config::{CredentialConfig, FilePolicy, Provider};
 use crate::secret::Secret;
 
-/// A key id and secret, read and ready to send.
+/// An identity and its secret, read and ready to send: the Cloud.ru key id and secret, an OAuth2
+/// client id and secret, or (for static keys) an empty id and the API key.
 #[derive(Debug, Clone)]
 pub struct Credentials {
-    pub key_id: Secret,
+    pub id: Secret,
     pub secret: Secret,
 }
 
@@ -21,7 +22,7 @@ impl Credentials {
     /// A fingerprint of the values, to notice a rotation without keeping a second copy around.
     pub fn fingerprint(&self) -> u64 {
         let mut h = DefaultHasher::new();
-        self.key_id.expose().hash(&mut h);
+        self.id.expose().hash(&mut h);
         self.secret.expose().hash(&mut h);
         h.finish()
     }
@@ -101,30 +102,33 @@ async fn world_readable(path: &Path) -> bool {
 #[derive(Debug, Clone)]
 pub struct CredentialSource {
     name: Arc<str>,
-    key_id: Value,
+    id: Value,
     secret: Value,
 }
 
 impl CredentialSource {
     /// From a validated config entry.
-    pub fn from_config(c: &CredentialConfig, policy: FilePolicy) -> Self {
+    pub fn from_config(c: &CredentialConfig, provider: Provider, policy: FilePolicy) -> Self {
         let value = |inline: &Option<Secret>, file: &Option<PathBuf>| match (inline, file) {
             (Some(s), _) => Value::Inline(s.clone()),
             (None, Some(p)) => Value::file(p, policy),
             (None, None) => Value::Inline(Secret::default()),
         };
-        Self {
-            name: Arc::from(c.name.as_str()),
-            key_id: value(&c.key_id, &c.key_id_file),
-            secret: value(&c.secret, &c.secret_file),
-        }
+        let (id, secret) = match provider {
+            Provider::CloudruIam => (value(&c.key_id, &c.key_id_file), value(&c.secret, &c.secret_file)),
+            Provider::Static => (Value::Inline(Secret::default()), value(&c.api_key, &c.api_key_file)),
+            Provider::Oauth2ClientCredentials => {
+                (value(&c.client_id, &c.client_id_file), value(&c.client_secret, &c.client_secret_file))
+            }
+        };
+        Self { name: Arc::from(c.name.as_str()), id, secret }
     }
 
     /// An inline credential (tests, `sidekey dev`).
     pub fn inline(name: &str, key_id: &str, secret: &str) -> Self {
         Self {
             name: Arc::from(name),
-            key_id: Value::Inline(Secret::new(key_id)),
+            id: Value::Inline(Secret::new(key_id)),
             secret: Value::Inline(Secret::new(secret)),
         }
     }
@@ -135,12 +139,12 @@ impl CredentialSource {
 
     /// True if any part comes from a file (and so can change).
     pub fn uses_files(&self) -> bool {
-        self.key_id.is_file() || self.secret.is_file()
+        self.id.is_file() || self.secret.is_file()
     }
 
     /// Reads the current values (files anew, trimmed).
     pub async fn read(&self) -> Result<Credentials, CredentialError> {
-        Ok(Credentials { key_id: self.key_id.read().await?, secret: self.secret.read().await? })
+        Ok(Credentials { id: self.id.read().await?, secret: self.secret.read().await? })
     }
 }
 
@@ -162,11 +166,12 @@ mod tests {
                 secret_file: Some(s.clone()),
                 ..Default::default()
             },
+            Provider::CloudruIam,
             FilePolicy::Allow,
         );
         assert!(src.uses_files());
         let first = src.read().await.unwrap();
-        assert_eq!(first.key_id.expose(), "kid-1");
+        assert_eq!(first.id.expose(), "kid-1");
         assert_eq!(first.secret.expose(), "sec-1");
         std::fs::write(&s, "sec-2\n").unwrap();
         let second = src.read().await.unwrap();
@@ -192,9 +197,12 @@ mod tests {
             secret_file: Some(path.clone()),
             ..Default::default()
         };
-        let refuse = CredentialSource::from_config(&cfg, FilePolicy::Refuse);
+        let refuse = CredentialSource::from_config(&cfg, Provider::CloudruIam, FilePolicy::Refuse);
         assert!(matches!(refuse.read().await, Err(CredentialError::WorldReadable(_))));
-        assert!(CredentialSource::from_config(&cfg, FilePolicy::Warn).read().await.is_ok());
+        assert!(CredentialSource::from_config(&cfg, Provider::CloudruIam, FilePolicy::Warn)
+            .read()
+            .await
+            .is_ok());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert!(refuse.read().await.is_ok());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use super::credential::{CredentialError, Credentials};
 use super::failover::Outcome;
 use crate::client::Connector;
+use crate::config::ClientAuth;
 use crate::secret::Secret;
 
 /// Lifetime assumed when the response has no `expires_in` (what the SDKs assume).
@@ -50,6 +51,8 @@ pub enum ResponseError {
     InvalidToken,
     #[error("expires_in must be a positive number of seconds, got {0}")]
     BadExpiresIn(&'static str),
+    #[error("token_type is not Bearer")]
+    NotBearer,
 }
 
 /// A failed fetch. Messages never contain the key id, secret or token.
@@ -71,13 +74,17 @@ pub enum FetchError {
     Credential(#[from] CredentialError),
     #[error("the token fetch panicked")]
     Panicked,
+    #[error("the API key is not a valid header value (visible ASCII only)")]
+    InvalidKey,
 }
 
 impl FetchError {
     /// Rejected credentials fail over at once; everything else is worth retrying.
     pub fn outcome(&self) -> Outcome {
         match self {
-            FetchError::Rejected { .. } | FetchError::Credential(_) => Outcome::Rejected,
+            FetchError::Rejected { .. } | FetchError::Credential(_) | FetchError::InvalidKey => {
+                Outcome::Rejected
+            }
             _ => Outcome::Transient,
         }
     }
@@ -101,36 +108,95 @@ impl FetchError {
             FetchError::BadResponse(e) => format!("bad IAM response ({e})"),
             FetchError::Credential(_) => "credential file unreadable".into(),
             FetchError::Panicked => "token fetch panicked".into(),
+            FetchError::InvalidKey => "API key unusable (not visible ASCII)".into(),
         }
     }
 }
 
-/// The Cloud.ru IAM client.
+/// How tokens are requested (`auth.provider`).
 #[derive(Debug, Clone)]
-pub struct IamClient {
+pub enum Protocol {
+    /// `POST {"keyId", "secret"}` as JSON (Cloud.ru IAM).
+    CloudruIam,
+    /// RFC 6749 §4.4: a form `grant_type=client_credentials`, client authentication by HTTP Basic
+    /// or in the body; the response's `token_type`, when present, must be `Bearer`.
+    OAuth2 { scope: Option<String>, audience: Option<String>, client_auth: ClientAuth },
+    /// No endpoint: the credential's secret is the API key.
+    Static,
+}
+
+/// The token client for every provider.
+#[derive(Debug, Clone)]
+pub struct TokenClient {
     client: Client<Connector, Full<Bytes>>,
     url: Uri,
     timeout: Duration,
     user_agent: HeaderValue,
+    protocol: Protocol,
 }
 
-impl IamClient {
-    pub fn new(client: Client<Connector, Full<Bytes>>, url: Uri, timeout: Duration) -> Self {
+/// How long a static key is used before it is read again (besides file changes and 401s).
+const STATIC_KEY_LIFETIME: Duration = MAX_LIFETIME;
+
+impl TokenClient {
+    pub fn new(
+        client: Client<Connector, Full<Bytes>>,
+        url: Uri,
+        timeout: Duration,
+        protocol: Protocol,
+    ) -> Self {
         let user_agent = HeaderValue::from_static(concat!("sidekey/", env!("CARGO_PKG_VERSION")));
-        Self { client, url, timeout, user_agent }
+        Self { client, url, timeout, user_agent, protocol }
+    }
+
+    fn request(&self, creds: &Credentials) -> Request<Full<Bytes>> {
+        let builder = Request::builder()
+            .method(Method::POST)
+            .uri(self.url.clone())
+            .header(ACCEPT, "application/json")
+            .header(USER_AGENT, self.user_agent.clone());
+        let (builder, body) = match &self.protocol {
+            Protocol::OAuth2 { scope, audience, client_auth } => {
+                let mut form = vec![("grant_type", "client_credentials")];
+                if let Some(scope) = scope {
+                    form.push(("scope", scope));
+                }
+                if let Some(audience) = audience {
+                    form.push(("audience", audience));
+                }
+                let mut builder = builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded");
+                match client_auth {
+                    ClientAuth::Basic => {
+                        // RFC 6749 §2.3.1: id and secret are form-encoded, then Base64'd.
+                        let pair = format!(
+                            "{}:{}",
+                            form_urlencode(creds.id.expose()),
+                            form_urlencode(creds.secret.expose())
+                        );
+                        let mut value = HeaderValue::try_from(format!("Basic {}", base64(pair.as_bytes())))
+                            .expect("base64 is a valid header value");
+                        value.set_sensitive(true);
+                        builder = builder.header(AUTHORIZATION, value);
+                    }
+                    ClientAuth::Body => {
+                        form.push(("client_id", creds.id.expose()));
+                        form.push(("client_secret", creds.secret.expose()));
+                    }
+                }
+                let body: Vec<String> =
+                    form.iter().map(|(k, v)| format!("{k}={}", form_urlencode(v))).collect();
+                (builder, body.join("&"))
+            }
+            Protocol::CloudruIam | Protocol::Static => {
+                let body = serde_json::json!({ "keyId": creds.id.expose(), "secret": creds.secret.expose() });
+                (builder.header(CONTENT_TYPE, "application/json"), body.to_string())
+            }
+        };
+        builder.body(Full::new(Bytes::from(body))).expect("request parts are valid")
     }
 
     async fn exchange(&self, creds: &Credentials) -> Result<Fetched, FetchError> {
-        let body = serde_json::json!({ "keyId": creds.key_id.expose(), "secret": creds.secret.expose() });
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(self.url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, "application/json")
-            .header(USER_AGENT, self.user_agent.clone())
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("static request parts are valid");
-        let resp = self.client.request(req).await.map_err(FetchError::Unreachable)?;
+        let resp = self.client.request(self.request(creds)).await.map_err(FetchError::Unreachable)?;
         let status = resp.status();
         let retry_after =
             resp.headers().get(RETRY_AFTER).and_then(|v| parse_retry_after(v, SystemTime::now()));
@@ -140,7 +206,11 @@ impl IamClient {
             .map_err(FetchError::Body)?
             .to_bytes();
         if status.is_success() {
-            return Ok(parse_token_response(&bytes)?);
+            let fetched = parse_token_response(&bytes)?;
+            if matches!(self.protocol, Protocol::OAuth2 { .. }) {
+                check_token_type(&bytes)?;
+            }
+            return Ok(fetched);
         }
         let body = sanitize_body(&bytes, creds);
         match status.as_u16() {
@@ -150,13 +220,60 @@ impl IamClient {
     }
 }
 
-impl Fetcher for IamClient {
+impl Fetcher for TokenClient {
     async fn fetch(&self, creds: Credentials) -> Result<Fetched, FetchError> {
+        if let Protocol::Static = self.protocol {
+            let key = creds.secret;
+            if !key.expose().bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(FetchError::InvalidKey);
+            }
+            return Ok(Fetched { access_token: key, expires_in: STATIC_KEY_LIFETIME });
+        }
         match tokio::time::timeout(self.timeout, self.exchange(&creds)).await {
             Ok(result) => result,
             Err(_) => Err(FetchError::Timeout(self.timeout)),
         }
     }
+}
+
+/// An OAuth2 `token_type` other than Bearer cannot be sent as `Bearer`.
+fn check_token_type(bytes: &[u8]) -> Result<(), ResponseError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| ResponseError::NotJson)?;
+    match value.get("token_type") {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(serde_json::Value::String(t)) if t.eq_ignore_ascii_case("bearer") => Ok(()),
+        Some(_) => Err(ResponseError::NotBearer),
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+pub fn form_urlencode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => out.push(b as char),
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Standard Base64 with padding.
+pub fn base64(input: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Reads `access_token` (required, non-empty, header-safe) and `expires_in` (seconds, default
@@ -208,7 +325,7 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 pub fn sanitize_body(bytes: &[u8], creds: &Credentials) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut text: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    for needle in [creds.secret.expose(), creds.key_id.expose()] {
+    for needle in [creds.secret.expose(), creds.id.expose()] {
         if !needle.is_empty() {
             text = text.replace(needle, crate::secret::REDACTED);
         }
@@ -297,7 +414,7 @@ mod tests {
 
     #[test]
     fn error_bodies_lose_secrets_and_token_like_runs() {
-        let creds = Credentials { key_id: Secret::new("KID-123"), secret: Secret::new("S3CR3T") };
+        let creds = Credentials { id: Secret::new("KID-123"), secret: Secret::new("S3CR3T") };
         let jwt = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig";
         let body = format!("{{\"error\":\"bad key KID-123 / S3CR3T\",\n\"hint\":\"{jwt}\"}}");
         let out = sanitize_body(body.as_bytes(), &creds);
@@ -305,6 +422,26 @@ mod tests {
         assert!(!out.contains('\n'));
         let long = "x ".repeat(500);
         assert!(sanitize_body(long.as_bytes(), &creds).chars().count() <= ERROR_BODY_CHARS + 1);
+    }
+
+    #[test]
+    fn form_encoding_and_base64() {
+        assert_eq!(form_urlencode("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"client:s3cr%2Bt"), "Y2xpZW50OnMzY3IlMkJ0");
+    }
+
+    #[test]
+    fn token_type_must_be_bearer_when_present() {
+        assert!(check_token_type(br#"{"access_token":"t"}"#).is_ok());
+        assert!(check_token_type(br#"{"access_token":"t","token_type":"bearer"}"#).is_ok());
+        assert_eq!(
+            check_token_type(br#"{"access_token":"t","token_type":"mac"}"#),
+            Err(ResponseError::NotBearer)
+        );
     }
 
     #[test]
@@ -355,7 +492,7 @@ mod proptests {
 
         #[test]
         fn sanitized_bodies_are_short_single_line_and_secret_free(body in ".{0,600}", secret in "[A-Za-z0-9]{8,20}") {
-            let creds = Credentials { key_id: Secret::new("KEYID-fixed"), secret: Secret::new(secret.clone()) };
+            let creds = Credentials { id: Secret::new("KEYID-fixed"), secret: Secret::new(secret.clone()) };
             let input = format!("{body}{secret}{body}");
             let out = sanitize_body(input.as_bytes(), &creds);
             prop_assert!(!out.contains(&secret));

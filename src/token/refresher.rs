@@ -439,7 +439,7 @@ mod tests {
 
     impl Fetcher for Script {
         async fn fetch(&self, creds: Credentials) -> Result<Fetched, FetchError> {
-            let key = creds.key_id.expose().to_string();
+            let key = creds.id.expose().to_string();
             let step = {
                 let mut s = self.0.lock().unwrap();
                 s.calls.push((key.clone(), Instant::now()));
