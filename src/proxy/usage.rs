@@ -5,8 +5,10 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
-use serde_json::Value;
+use serde::Deserialize;
 
 /// Longest SSE event (or JSON body) examined; larger ones are skipped and counted as malformed.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
@@ -148,20 +150,24 @@ impl UsageScanner {
         if self.scan.model.is_some() && !contains(data, b"\"usage\"") {
             return;
         }
-        match serde_json::from_slice::<Value>(data) {
-            Ok(v) => self.absorb(&v),
-            Err(_) => self.scan.malformed += 1,
-        }
+        self.absorb(data);
     }
 
-    fn absorb(&mut self, v: &Value) {
-        let inner = v.get("response").filter(|r| r.is_object());
+    /// Reads `model` and `usage` from one JSON document (a body or an SSE event). Typed
+    /// parsing skips everything else without allocating for it.
+    fn absorb(&mut self, json: &[u8]) {
+        let envelope: Envelope<'_> = match serde_json::from_slice(json) {
+            Ok(e) => e,
+            Err(_) => {
+                self.scan.malformed += 1;
+                return;
+            }
+        };
+        let inner = envelope.response.unwrap_or_default();
         if self.scan.model.is_none() {
-            let model = v.get("model").or_else(|| inner.and_then(|r| r.get("model")));
-            self.scan.model = model.and_then(Value::as_str).map(str::to_string);
+            self.scan.model = envelope.model.or(inner.model).map(|m| m.into_owned());
         }
-        let usage = v.get("usage").or_else(|| inner.and_then(|r| r.get("usage")));
-        if let Some(u) = usage.filter(|u| u.is_object()).and_then(parse_usage) {
+        if let Some(u) = envelope.usage.or(inner.usage).and_then(UsageFields::into_usage) {
             self.scan.usage = Some(u);
         }
     }
@@ -173,10 +179,10 @@ impl UsageScanner {
                 if overflow {
                     self.scan.malformed += 1;
                 } else if !chunks.is_empty() {
-                    let body: Vec<u8> = chunks.concat();
-                    match serde_json::from_slice::<Value>(&body) {
-                        Ok(v) => self.absorb(&v),
-                        Err(_) => self.scan.malformed += 1,
+                    if chunks.len() == 1 {
+                        self.absorb(&chunks[0]);
+                    } else {
+                        self.absorb(&chunks.concat());
                     }
                 }
             }
@@ -197,25 +203,64 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn parse_usage(u: &Value) -> Option<Usage> {
-    let num = |keys: &[&str]| keys.iter().find_map(|k| u.get(*k).and_then(Value::as_u64));
-    let nested = |outer: &[&str], key: &str| {
-        outer.iter().find_map(|o| u.get(*o).and_then(|d| d.get(key)).and_then(Value::as_u64))
-    };
-    let prompt = num(&["prompt_tokens", "input_tokens"]);
-    let completion = num(&["completion_tokens", "output_tokens"]);
-    let total = num(&["total_tokens"]);
-    if prompt.is_none() && completion.is_none() && total.is_none() {
-        return None;
+#[derive(Deserialize, Default)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    usage: Option<UsageFields>,
+    /// The Responses API nests both in `response`.
+    #[serde(borrow)]
+    response: Option<Inner<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+struct Inner<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    usage: Option<UsageFields>,
+}
+
+/// Chat/completions names (`prompt_tokens`, ...) and Responses API names (`input_tokens`, ...).
+#[derive(Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
+    completion_tokens_details: Option<Details>,
+    output_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    fn into_usage(self) -> Option<Usage> {
+        let prompt = self.prompt_tokens.or(self.input_tokens);
+        let completion = self.completion_tokens.or(self.output_tokens);
+        if prompt.is_none() && completion.is_none() && self.total_tokens.is_none() {
+            return None;
+        }
+        let (prompt, completion) = (prompt.unwrap_or(0), completion.unwrap_or(0));
+        let detail = |a: Option<Details>, b: Option<Details>, f: fn(&Details) -> Option<u64>| {
+            a.as_ref().and_then(f).or_else(|| b.as_ref().and_then(f))
+        };
+        Some(Usage {
+            prompt,
+            completion,
+            total: self.total_tokens.unwrap_or(prompt + completion),
+            cached: detail(self.prompt_tokens_details, self.input_tokens_details, |d| d.cached_tokens),
+            reasoning: detail(self.completion_tokens_details, self.output_tokens_details, |d| {
+                d.reasoning_tokens
+            }),
+        })
     }
-    let (prompt, completion) = (prompt.unwrap_or(0), completion.unwrap_or(0));
-    Some(Usage {
-        prompt,
-        completion,
-        total: total.unwrap_or(prompt + completion),
-        cached: nested(&["prompt_tokens_details", "input_tokens_details"], "cached_tokens"),
-        reasoning: nested(&["completion_tokens_details", "output_tokens_details"], "reasoning_tokens"),
-    })
 }
 
 /// Bounds the `model` label: the first `max` distinct models keep their name, later ones are
