@@ -110,7 +110,9 @@ pub fn strip_prefix(path_and_query: &str) -> Result<&str, PathError> {
 /// True if any segment is a dot segment, or could become one (or a new segment) after
 /// percent-decoding upstream.
 fn escapes(path: &str) -> bool {
-    if path.contains('\\') {
+    // A fragment never belongs in a request target, and URI parsing would drop it (and with it
+    // what made a segment harmless).
+    if path.contains('\\') || path.contains('#') {
         return true;
     }
     path.split('/').any(|segment| {
@@ -226,6 +228,7 @@ mod tests {
             "/v1/a%2Fb",
             "/v1/a\\..\\b",
             "/v1/a%5c..",
+            "/v1/.#...",
         ] {
             assert_eq!(strip_prefix(p), Err(PathError::Traversal), "{p}");
         }
