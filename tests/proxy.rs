@@ -214,7 +214,9 @@ async fn not_an_open_proxy_and_no_path_escape() {
     assert!(absolute.starts_with("HTTP/1.1 400"), "{absolute}");
     let connect = raw(sc.proxy, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n").await;
     assert!(connect.starts_with("HTTP/1.1 400"), "{connect}");
-    for path in ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/models/..%2f..%2fadmin"] {
+    for path in
+        ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/models/..%2f..%2fadmin", "/v1/.#/admin", "/v1/..\\admin"]
+    {
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let resp = raw(sc.proxy, req.as_bytes()).await;
         assert!(resp.starts_with("HTTP/1.1 400") || resp.starts_with("HTTP/1.1 404"), "{path}: {resp}");
