@@ -144,10 +144,18 @@ impl Proxy {
             return Ok(Some(slot));
         }
         let metrics = &self.inner.metrics;
+        /// Keeps the queue gauge right even if the client goes away while waiting.
+        struct Queued<'a>(&'a prometheus::IntGauge);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
         metrics.queue_depth.inc();
+        let queued = Queued(&metrics.queue_depth);
         let waited =
             tokio::time::timeout(self.inner.settings.queue_timeout, Arc::clone(slots).acquire_owned()).await;
-        metrics.queue_depth.dec();
+        drop(queued);
         match waited {
             Ok(Ok(slot)) => Ok(Some(slot)),
             _ => {
