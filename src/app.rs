@@ -168,6 +168,12 @@ impl App {
         self.admin_listener.local_addr().expect("bound listener has an address")
     }
 
+    /// Cancelling this token shuts sidekey down gracefully (it is also what `/quitquitquit`
+    /// cancels). Hand it to [`crate::signal::watch`].
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.quit.clone()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -509,6 +509,13 @@ impl Config {
         positive("auth.backoff_initial_ms", a.backoff_initial_ms)?;
         positive("auth.failover_after_failures", u64::from(a.failover_after_failures))?;
         positive("auth.credential_poll_secs", a.credential_poll_secs)?;
+        positive("auth.failback_after_secs", a.failback_after_secs)?;
+        if a.refresh_before_secs <= a.expiry_margin_secs {
+            return Err(ConfigError::invalid(
+                "auth.refresh_before_secs",
+                "must be greater than auth.expiry_margin_secs, or tokens would expire before their refresh",
+            ));
+        }
         positive("auth.forced_refresh_timeout_secs", a.forced_refresh_timeout_secs)?;
         if a.backoff_max_ms < a.backoff_initial_ms {
             return Err(ConfigError::invalid(
@@ -626,8 +633,16 @@ pub fn parse_base_url(key: &str, value: &str) -> Result<Uri, ConfigError> {
 fn parse_error(err: &figment::Error) -> ConfigError {
     let mut lines = Vec::new();
     for e in err.clone() {
-        let sensitive = e.path.last().is_some_and(|k| k == "key_id" || k == "secret");
-        if sensitive {
+        const SENSITIVE: [&str; 5] = ["key_id", "secret", "api_key", "client_id", "client_secret"];
+        let sensitive = e.path.last().is_some_and(|k| SENSITIVE.contains(&k.as_str()));
+        if e.path.is_empty() {
+            // A syntax error: the TOML parser quotes the offending source line, which may hold
+            // a secret. Keep its position and message, drop the quoted source.
+            let text = e.to_string();
+            let kept: Vec<&str> =
+                text.lines().map(str::trim).filter(|l| !l.is_empty() && !is_source_excerpt(l)).collect();
+            lines.push(kept.join(" "));
+        } else if sensitive {
             let key = e.path.join(".");
             let key = key.strip_prefix("default.").unwrap_or(&key);
             let source = e
@@ -647,9 +662,26 @@ fn parse_error(err: &figment::Error) -> ConfigError {
     ConfigError::Parse(lines.join("; "))
 }
 
+/// Lines like `3 | secret = "..."` or `  |      ^` in a TOML parse error.
+fn is_source_excerpt(line: &str) -> bool {
+    let rest = line.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start();
+    rest.starts_with('|')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syntax_errors_do_not_quote_the_source_line() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[[auth.credentials]]\nname = \"p\"\nsecret = \"SEKRIT\\qXYZ\"\n")?;
+            let err = Config::load(Some(Path::new("bad.toml"))).unwrap_err().to_string();
+            assert!(!err.contains("SEKRIT"), "{err}");
+            assert!(err.contains("line 3"), "{err}");
+            Ok(())
+        });
+    }
 
     fn with_credential() -> Config {
         let mut c = Config::default();

@@ -42,7 +42,9 @@ fn main() -> ExitCode {
             runtime().block_on(async {
                 match App::bind(config).await {
                     Ok(app) => {
-                        app.run(sidekey::signal::shutdown()).await;
+                        let stop = app.shutdown_token();
+                        sidekey::signal::watch(stop.clone());
+                        app.run(stop.cancelled_owned()).await;
                         ExitCode::SUCCESS
                     }
                     Err(e) => startup_failed(&e),

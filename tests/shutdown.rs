@@ -52,8 +52,22 @@ impl Drop for Proc {
     }
 }
 
-/// Starts the binary on port 0 with JSON logs and reads the bound addresses from its startup line.
+/// Starts the binary on port 0 with JSON logs, reads the bound addresses from its startup line,
+/// and waits until it is ready.
 async fn spawn(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
+    let proc = spawn_unready(iam, upstream, extra).await;
+    let c = client();
+    let url = format!("http://{}/readyz", proc.admin);
+    let deadline = Instant::now() + WAIT;
+    while c.get(&url).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "sidekey never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proc
+}
+
+/// Starts the binary without waiting for a token.
+async fn spawn_unready(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
     let dir =
         std::env::temp_dir().join(format!("sidekey-shutdown-{}-{}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(&dir).unwrap();
@@ -98,19 +112,11 @@ async fn spawn(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
     .await
     .unwrap();
     let json: serde_json::Value = serde_json::from_str(&started).unwrap();
-    let proc = Proc {
+    Proc {
         child,
         proxy: json["listen"].as_str().unwrap().parse().unwrap(),
         admin: json["admin_listen"].as_str().unwrap().parse().unwrap(),
-    };
-    let c = client();
-    let url = format!("http://{}/readyz", proc.admin);
-    let deadline = Instant::now() + WAIT;
-    while c.get(&url).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "sidekey never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    proc
 }
 
 /// An upstream streaming `n` SSE events, `gap` apart.
@@ -230,6 +236,23 @@ async fn quitquitquit_shuts_down_when_enabled() {
 }
 
 #[tokio::test]
+async fn a_signal_after_quitquitquit_exits_at_once() {
+    let iam = FakeIam::start().await;
+    let up = sse_upstream(100, Duration::from_millis(100)).await;
+    let mut p = spawn(&iam, &up.base_url(), "enable_quit_endpoint = true\nshutdown_grace_secs = 30").await;
+    let resp =
+        client().post(format!("http://{}/v1/chat/completions", p.proxy)).body("{}").send().await.unwrap();
+    let _reader = tokio::spawn(read_all(resp));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(client().post(format!("http://{}/quitquitquit", p.admin)).send().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signalled = Instant::now();
+    p.signal("TERM");
+    assert_ne!(p.exit_code().await, Some(0));
+    assert!(signalled.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
 async fn quitquitquit_is_off_by_default() {
     let iam = FakeIam::start().await;
     let up = FakeUpstream::ok().await;
@@ -254,4 +277,18 @@ async fn shutdown_delay_keeps_accepting_for_a_while() {
     assert_eq!(resp.status(), 200);
     assert_eq!(fresh.get(format!("http://{}/readyz", p.admin)).send().await.unwrap().status(), 503);
     assert_eq!(p.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_hanging_token_endpoint() {
+    let iam = FakeIam::start().await;
+    iam.set(PRIMARY_KEY, Iam::Hang);
+    let up = FakeUpstream::ok().await;
+    // auth.timeout_secs stays at its default of 30 s: the fetch hangs far longer than the test.
+    let mut p = spawn_unready(&iam, &up.base_url(), "shutdown_grace_secs = 5").await;
+    eventually("a fetch in flight", || iam.call_count() >= 1).await;
+    let start = Instant::now();
+    p.signal("TERM");
+    assert_eq!(p.exit_code().await, Some(0));
+    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
 }

@@ -202,8 +202,11 @@ impl Proxy {
             } else {
                 Outgoing::Streaming(incoming)
             };
-        let token = inner.tokens.current(start).map_err(|u| ProxyError::NoToken {
-            retry_after_secs: u.retry_after_secs(start),
+        // Freshness is judged now, not when the request arrived: queueing and reading the body
+        // for the policy take time.
+        let now = Instant::now();
+        let token = inner.tokens.current(now).map_err(|u| ProxyError::NoToken {
+            retry_after_secs: u.retry_after_secs(now),
             message: u.message,
         })?;
         if let Some(a) = guard.access() {

@@ -76,6 +76,8 @@ pub enum FetchError {
     Panicked,
     #[error("the API key is not a valid header value (visible ASCII only)")]
     InvalidKey,
+    #[error("the token lives {expires_in:?}, not longer than auth.expiry_margin_secs ({margin:?})")]
+    TooShortLived { expires_in: Duration, margin: Duration },
 }
 
 impl FetchError {
@@ -109,6 +111,7 @@ impl FetchError {
             FetchError::Credential(_) => "credential file unreadable".into(),
             FetchError::Panicked => "token fetch panicked".into(),
             FetchError::InvalidKey => "API key unusable (not visible ASCII)".into(),
+            FetchError::TooShortLived { .. } => "token lifetime shorter than the expiry margin".into(),
         }
     }
 }

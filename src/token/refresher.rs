@@ -143,27 +143,42 @@ impl<F: Fetcher> Refresher<F> {
         let mut poll = tokio::time::interval(self.settings.credential_poll);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         poll.tick().await;
+        /// What woke the loop.
+        enum Wake {
+            Forced,
+            Poll,
+            Due,
+        }
         loop {
-            let wake = match self.failover.next_probe() {
+            let wake_at = match self.failover.next_probe() {
                 Some(probe) => probe.min(self.next_refresh),
                 None => self.next_refresh,
+            };
+            let wake = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                _ = self.store.force_wanted() => Wake::Forced,
+                _ = poll.tick(), if watch_files => Wake::Poll,
+                _ = sleep_until(wake_at) => Wake::Due,
+            };
+            // Every piece of work races the cancellation, so shutdown never waits for a hanging
+            // token endpoint (the spawned fetch is aborted with it).
+            let work = async {
+                match wake {
+                    Wake::Forced => self.on_forced().await,
+                    Wake::Poll => self.check_files().await,
+                    Wake::Due => {
+                        let now = Instant::now();
+                        let cred = if self.failover.probe_due(now) { 0 } else { self.failover.active() };
+                        self.attempt(cred).await;
+                    }
+                }
             };
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                _ = self.store.force_wanted() => {
-                    self.on_forced().await;
-                    continue;
-                }
-                _ = poll.tick(), if watch_files => {
-                    self.check_files().await;
-                    continue;
-                }
-                _ = sleep_until(wake) => {}
+                _ = work => {}
             }
-            let now = Instant::now();
-            let cred = if self.failover.probe_due(now) { 0 } else { self.failover.active() };
-            self.attempt(cred).await;
         }
     }
 
@@ -238,6 +253,14 @@ impl<F: Fetcher> Refresher<F> {
             let creds = source.read().await?;
             fetcher.fetch(creds).await
         });
+        /// Aborts the fetch if this future is dropped (shutdown).
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _abort = AbortOnDrop(task.abort_handle());
         let result = match task.await {
             Ok(result) => result,
             Err(join) => {
@@ -268,6 +291,13 @@ impl<F: Fetcher> Refresher<F> {
         wall_started: SystemTime,
         now: Instant,
     ) {
+        if fetched.expires_in <= self.settings.expiry_margin {
+            let err = FetchError::TooShortLived {
+                expires_in: fetched.expires_in,
+                margin: self.settings.expiry_margin,
+            };
+            return self.on_failure(cred, err, now);
+        }
         let name = &self.names[cred];
         self.generation += 1;
         // Expiry counts from before the request was sent, on the monotonic clock.
@@ -292,7 +322,12 @@ impl<F: Fetcher> Refresher<F> {
         self.metrics.token_last_success_timestamp_seconds.set(unix_secs(SystemTime::now()));
         self.failures = 0;
         self.reasons[cred] = None;
-        let delay = refresh_after(fetched.expires_in, self.settings.refresh_before, fastrand::f64());
+        let delay = refresh_after(
+            fetched.expires_in,
+            self.settings.refresh_before,
+            self.settings.expiry_margin,
+            fastrand::f64(),
+        );
         self.next_refresh = started + delay;
         tracing::info!(
             credential = %name,
@@ -528,11 +563,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn short_tokens_refresh_at_half_life() {
         let r = start(&["primary"]);
-        r.script.otherwise("primary", Step::Issue(4));
-        at(&r, 10.5).await;
-        // every ~2 s (minus jitter of up to 0.2 s): at 0, ~2, ~4, ~6, ~8, ~10
+        r.script.otherwise("primary", Step::Issue(14));
+        at(&r, 40.0).await;
+        // usable for 9 s (14 s less the 5 s margin): every ~4.5 s (minus up to 0.45 s of jitter)
         let n = r.script.calls().len();
-        assert!((6..=7).contains(&n), "{n} fetches: {:?}", offsets(&r));
+        assert!((9..=10).contains(&n), "{n} fetches: {:?}", offsets(&r));
+        assert!(r.store.has_usable(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]
@@ -617,6 +653,16 @@ mod tests {
         assert!(err.message.contains("credential 'primary' rejected by IAM (401)"), "{}", err.message);
         assert!(err.message.contains("credential 'backup' IAM answered 503"), "{}", err.message);
         assert!(err.next_attempt > Instant::now());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_shorter_than_the_margin_are_failures() {
+        let r = start(&["primary"]);
+        r.script.queue("primary", &[Step::Issue(5), Step::Issue(3)]);
+        at(&r, 5.0).await;
+        assert_eq!(r.script.calls().len(), 3, "two useless tokens, then a good one");
+        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["primary", "failure"]).get(), 2);
+        assert!(r.store.has_usable(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

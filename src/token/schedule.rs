@@ -5,13 +5,20 @@ use std::time::Duration;
 
 /// How long after a token was requested to start refreshing it.
 ///
-/// The lead time is `refresh_before`, but at most half the token's lifetime, so a short-lived
-/// token is refreshed at the latest at half its life. Up to a tenth of the lead is taken off at
-/// random, so a fleet of sidecars does not refresh in lockstep.
-pub fn refresh_after(lifetime: Duration, refresh_before: Duration, jitter: f64) -> Duration {
-    let lead = refresh_before.min(lifetime / 2);
+/// Counted on the token's usable life (its lifetime less the expiry margin, after which it is
+/// never sent): the refresh starts `refresh_before` before expiry, but at the latest at half the
+/// usable life, so a short-lived token is always replaced before it stops being usable. Up to a
+/// tenth of the lead is taken off at random, so a fleet of sidecars does not refresh in lockstep.
+pub fn refresh_after(
+    lifetime: Duration,
+    refresh_before: Duration,
+    margin: Duration,
+    jitter: f64,
+) -> Duration {
+    let usable = lifetime.saturating_sub(margin);
+    let lead = refresh_before.saturating_sub(margin).min(usable / 2);
     let spread = lead.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
-    lifetime.saturating_sub(lead).saturating_sub(spread)
+    usable.saturating_sub(lead).saturating_sub(spread)
 }
 
 /// Delay before retry number `attempt` (1 for the first retry): `initial` doubling up to `max`,
@@ -41,20 +48,23 @@ mod tests {
 
     #[test]
     fn one_hour_token_refreshes_five_minutes_early() {
-        assert_eq!(refresh_after(S(3600), S(300), 0.0), S(3300));
+        assert_eq!(refresh_after(S(3600), S(300), S(5), 0.0), S(3300));
         // jitter takes off at most a tenth of the lead
-        assert_eq!(refresh_after(S(3600), S(300), 1.0), S(3270));
+        assert_eq!(refresh_after(S(3600), S(300), S(5), 1.0), Duration::from_millis(3_270_500));
     }
 
     #[test]
-    fn short_token_refreshes_at_half_life() {
-        assert_eq!(refresh_after(S(60), S(300), 0.0), S(30));
-        assert_eq!(refresh_after(S(4), S(300), 0.0), S(2));
+    fn short_token_refreshes_at_half_its_usable_life() {
+        assert_eq!(refresh_after(S(60), S(300), S(0), 0.0), S(30));
+        assert_eq!(refresh_after(S(60), S(300), S(5), 0.0), Duration::from_millis(27_500));
+        // 10 s tokens with the default 5 s margin: replaced at 2.5 s, unusable from 5 s
+        assert_eq!(refresh_after(S(10), S(300), S(5), 0.0), Duration::from_millis(2_500));
+        assert_eq!(refresh_after(S(4), S(300), S(0), 0.0), S(2));
     }
 
     #[test]
     fn zero_lifetime_refreshes_at_once() {
-        assert_eq!(refresh_after(Duration::ZERO, S(300), 0.5), Duration::ZERO);
+        assert_eq!(refresh_after(Duration::ZERO, S(300), S(5), 0.5), Duration::ZERO);
     }
 
     #[test]
@@ -85,12 +95,14 @@ mod proptests {
 
     proptest! {
         #[test]
-        fn refresh_is_before_expiry_and_after_half_life(life in 0u64..100_000, before in 0u64..10_000, jitter in 0.0f64..1.0) {
-            let (life, before) = (Duration::from_secs(life), Duration::from_secs(before));
-            let at = refresh_after(life, before, jitter);
-            prop_assert!(at <= life);
-            prop_assert!(at >= (life / 2).mul_f64(0.9));
-            prop_assert!(at >= life.saturating_sub(before).saturating_sub(before / 10));
+        fn refresh_is_before_the_token_stops_being_usable(life in 0u64..100_000, before in 0u64..10_000,
+                                                         margin in 0u64..60, jitter in 0.0f64..1.0) {
+            let (life, before, margin) = (Duration::from_secs(life), Duration::from_secs(before), Duration::from_secs(margin));
+            let usable = life.saturating_sub(margin);
+            let at = refresh_after(life, before, margin, jitter);
+            prop_assert!(at <= usable);
+            prop_assert!(at >= (usable / 2).mul_f64(0.9));
+            prop_assert!(at >= usable.saturating_sub(before).saturating_sub(before / 10));
         }
 
         #[test]
