@@ -68,6 +68,12 @@ pub struct ServerConfig {
     /// then get 429 with `Retry-After`, which SDK retry logic handles.
     pub max_inflight: Option<usize>,
     pub queue_timeout_ms: u64,
+    /// Extra names accepted in the `Host` header while the proxy listens on loopback (which
+    /// otherwise accepts only loopback addresses and `localhost`: a guard against DNS
+    /// rebinding from a browser).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call the proxy. Requests with any other `Origin` get 403.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +93,8 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             max_inflight: None,
             queue_timeout_ms: 10_000,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -674,13 +682,14 @@ mod tests {
 
     #[test]
     fn syntax_errors_do_not_quote_the_source_line() {
-        figment::Jail::expect_with(|jail| {
-            jail.create_file("bad.toml", "[[auth.credentials]]\nname = \"p\"\nsecret = \"SEKRIT\\qXYZ\"\n")?;
-            let err = Config::load(Some(Path::new("bad.toml"))).unwrap_err().to_string();
-            assert!(!err.contains("SEKRIT"), "{err}");
-            assert!(err.contains("line 3"), "{err}");
-            Ok(())
-        });
+        let dir = std::env::temp_dir().join(format!("sidekey-syntax-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[[auth.credentials]]\nname = \"p\"\nsecret = \"SEKRIT\\qXYZ\"\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(!err.contains("SEKRIT"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn with_credential() -> Config {

@@ -199,3 +199,38 @@ async fn model_labels_are_bounded_and_malformed_usage_is_only_counted() {
     assert_eq!(sc.metric(r#"sidekey_llm_tokens_total{kind="total",model="other"}"#), 4.0);
     assert_eq!(sc.metric(r#"sidekey_llm_tokens_total{kind="total",model="c"}"#), 0.0);
 }
+
+#[tokio::test]
+async fn the_policy_cannot_be_sidestepped_by_content_type_or_path_spelling() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::ok().await;
+    let mut cfg = config(&iam, &up.base_url());
+    cfg.policy.allowed_models = vec!["GigaChat/*".into()];
+    let sc = start_sidecar(cfg).await;
+    sc.ready().await;
+    let c = client();
+    let body = r#"{"model":"Qwen/Qwen3-235B","messages":[]}"#;
+    for (path, content_type) in [
+        ("/v1/chat/completions", None),
+        ("/v1/chat/completions", Some("text/plain")),
+        ("/v1/chat/%63ompletions", Some("application/json")),
+        ("/v1//chat/completions", Some("application/json")),
+        ("/v1/Chat/Completions", Some("application/json")),
+    ] {
+        let mut req = c.post(sc.url(path)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{path} {content_type:?}");
+    }
+    let resp = c
+        .post(sc.url("/v1/chat/completions"))
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "a body the policy cannot read is refused while it enforces");
+    assert_eq!(up.count(), 0);
+}

@@ -217,7 +217,7 @@ async fn not_an_open_proxy_and_no_path_escape() {
     for path in
         ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/models/..%2f..%2fadmin", "/v1/.#/admin", "/v1/..\\admin"]
     {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
         let resp = raw(sc.proxy, req.as_bytes()).await;
         assert!(resp.starts_with("HTTP/1.1 400") || resp.starts_with("HTTP/1.1 404"), "{path}: {resp}");
     }
@@ -473,6 +473,35 @@ async fn max_inflight_queues_then_answers_429() {
     assert!(waited >= Duration::from_millis(50), "it queued: {waited:?}");
     for r in [a, b] {
         assert_eq!(timeout(WAIT, r).await.unwrap().unwrap().0.status(), 200);
+    }
+    assert_eq!(up.count(), 5);
+}
+
+#[tokio::test]
+async fn browsers_and_foreign_host_names_are_refused() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::ok().await;
+    let mut cfg = config(&iam, &up.base_url());
+    cfg.server.allowed_hosts = vec!["sidekey.internal".into()];
+    cfg.server.allowed_origins = vec!["http://localhost:3000".into()];
+    let sc = start_sidecar(cfg).await;
+    sc.ready().await;
+    let port = sc.proxy.port();
+    let get = |host: String, origin: Option<&str>| {
+        let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+        format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\n{origin}Connection: close\r\n\r\n")
+    };
+    for (host, origin, want) in [
+        (format!("127.0.0.1:{port}"), None, "200"),
+        (format!("localhost:{port}"), None, "200"),
+        (format!("[::1]:{port}"), None, "200"),
+        ("sidekey.internal".to_string(), None, "200"),
+        (format!("evil.example:{port}"), None, "403"),
+        (format!("127.0.0.1:{port}"), Some("https://evil.example"), "403"),
+        (format!("127.0.0.1:{port}"), Some("http://localhost:3000"), "200"),
+    ] {
+        let resp = raw(sc.proxy, get(host.clone(), origin).as_bytes()).await;
+        assert!(resp.starts_with(&format!("HTTP/1.1 {want}")), "{host} {origin:?}: {resp}");
     }
     assert_eq!(up.count(), 5);
 }

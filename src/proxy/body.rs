@@ -42,12 +42,18 @@ pub struct BodyShared {
     /// The whole body, set once it has been read to the end within the replay capacity.
     complete: OnceLock<Vec<Bytes>>,
     too_large: AtomicBool,
+    client_failed: AtomicBool,
 }
 
 impl BodyShared {
     /// The full body for a replay, if it was captured.
     pub fn replayable(&self) -> Option<Vec<Bytes>> {
         self.complete.get().cloned()
+    }
+
+    /// True if reading the body from the client failed (it went away, or sent a bad body).
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Acquire)
     }
 
     /// True if the body went over the size limit while streaming.
@@ -126,6 +132,7 @@ impl Body for RequestBody {
             }
             Some(Err(e)) => {
                 *this.replay = None;
+                this.shared.client_failed.store(true, Ordering::Release);
                 Poll::Ready(Some(Err(e.into())))
             }
             None => {

@@ -32,6 +32,10 @@ pub enum ProxyError {
     ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("{0}")]
     Policy(#[from] super::inspect::PolicyError),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("the request body could not be read from the client")]
+    ClientAborted,
     #[error("building the upstream request failed")]
     BadUpstreamRequest(#[source] http::Error),
 }
@@ -47,6 +51,8 @@ impl ProxyError {
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Policy(e) if e.forbidden() => StatusCode::FORBIDDEN,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::ClientAborted => StatusCode::BAD_REQUEST,
             ProxyError::Policy(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unreachable(_) | ProxyError::BadUpstreamRequest(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -63,6 +69,8 @@ impl ProxyError {
             ProxyError::NoToken { .. } => "no_valid_token",
             ProxyError::Overloaded { .. } => "too_many_requests",
             ProxyError::Policy(e) => e.reason(),
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::ClientAborted => "bad_request_body",
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",
             ProxyError::ClientBody(_) => "bad_request_body",

@@ -79,7 +79,9 @@ impl Policy {
         }
     }
 
-    fn enforces(&self) -> bool {
+    /// True if a rule can refuse or rewrite: then every covered body is read, whatever its
+    /// `Content-Type` claims, and one that is not JSON is refused.
+    pub fn enforces(&self) -> bool {
         !self.allowed_models.is_empty() || self.max_tokens.is_some()
     }
 

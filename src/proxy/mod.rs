@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -54,6 +54,10 @@ pub struct ProxySettings {
     pub policy: Policy,
     /// Count token usage from responses (`usage.scan`).
     pub usage_scan: bool,
+    /// Refuse a `Host` that is not a loopback name (the listener is loopback-only).
+    pub loopback_only: bool,
+    pub allowed_hosts: Vec<String>,
+    pub allowed_origins: Vec<String>,
 }
 
 /// A cheap-to-clone handle on everything a request needs.
@@ -95,8 +99,10 @@ impl Proxy {
                 ..Default::default()
             })
         });
+        // Queued requests are not in flight yet (they show in sidekey_queue_depth).
+        let slot = self.acquire_slot(start).await;
         let mut guard = RequestGuard::new(inner.metrics.clone(), endpoint, start, access);
-        let result = match self.acquire_slot(start).await {
+        let result = match slot {
             Ok(slot) => {
                 if let Some(slot) = slot {
                     guard.hold(slot);
@@ -183,6 +189,7 @@ impl Proxy {
         if req.method() == Method::CONNECT || absolute_form {
             return Err(ProxyError::NotAProxy);
         }
+        self.check_origin(&req)?;
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let rest = path::strip_prefix(path_and_query).map_err(|e| match e {
             PathError::NotFound => ProxyError::NotFound { listen: settings.listen.clone() },
@@ -196,12 +203,14 @@ impl Proxy {
         let (mut parts, incoming) = req.into_parts();
         // The request policy reads JSON bodies of the endpoints it applies to (within the body
         // limit); everything else streams through untouched.
-        let outgoing =
-            if settings.policy.applies(endpoint) && parts.method == Method::POST && is_json(&parts.headers) {
-                Outgoing::Buffered(self.inspect(endpoint, incoming, &mut parts.headers, guard).await?)
-            } else {
-                Outgoing::Streaming(incoming)
-            };
+        let outgoing = if settings.policy.applies(endpoint)
+            && parts.method == Method::POST
+            && (settings.policy.enforces() || is_json(&parts.headers))
+        {
+            Outgoing::Buffered(self.inspect(endpoint, incoming, &mut parts.headers, guard).await?)
+        } else {
+            Outgoing::Streaming(incoming)
+        };
         // Freshness is judged now, not when the request arrived: queueing and reading the body
         // for the policy take time.
         let now = Instant::now();
@@ -279,6 +288,35 @@ impl Proxy {
         Ok(resp)
     }
 
+    /// Browsers must not spend our credentials: a page can reach a loopback port by DNS
+    /// rebinding or a simple cross-site POST. SDKs send no `Origin` and a loopback `Host`.
+    fn check_origin(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        let settings = &self.inner.settings;
+        if let Some(origin) = req.headers().get(ORIGIN) {
+            if !settings.allowed_origins.iter().any(|o| o.as_bytes() == origin.as_bytes()) {
+                return Err(ProxyError::Forbidden(
+                    "requests from browsers (with an Origin header) are refused; list the origin in server.allowed_origins",
+                ));
+            }
+        }
+        if settings.loopback_only {
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.host())
+                .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(host_without_port));
+            let allowed = host.is_some_and(|h| {
+                is_loopback_name(h) || settings.allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(h))
+            });
+            if !allowed {
+                return Err(ProxyError::Forbidden(
+                    "the Host header must name a loopback address (or one in server.allowed_hosts)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads a JSON request body (within the body limit) and applies the request policy.
     async fn inspect(
         &self,
@@ -333,6 +371,7 @@ impl Proxy {
         match tokio::time::timeout(wait, inner.client.request(req)).await {
             Err(_) => Err(ProxyError::Timeout(wait)),
             Ok(Err(_)) if shared.too_large() => Err(ProxyError::PayloadTooLarge { limit: settings.max_body }),
+            Ok(Err(_)) if shared.client_failed() => Err(ProxyError::ClientAborted),
             Ok(Err(e)) => Err(ProxyError::Unreachable(e)),
             Ok(Ok(resp)) => {
                 inner.metrics.upstream_response(endpoint).observe(start.elapsed().as_secs_f64());
@@ -345,6 +384,20 @@ impl Proxy {
     pub fn target(&self) -> &Target {
         &self.inner.settings.target
     }
+}
+
+/// `host[:port]` or `[v6]:port` without the port.
+fn host_without_port(value: &str) -> &str {
+    if let Some(rest) = value.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or_default();
+    }
+    value.rsplit_once(':').map_or(value, |(h, _)| h)
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The request body on its way up: read whole for the policy, or streamed.

@@ -57,6 +57,16 @@ impl Endpoint {
 
     /// Classifies a client path (`/v1/chat/completions`, ...).
     pub fn classify(path: &str) -> Endpoint {
+        // Upstream servers commonly decode %XX, merge slashes and ignore case, so the label (and
+        // with it the policy and usage accounting) is taken from that canonical form: an
+        // encoded `/v1/chat/%63ompletions` is still a chat completion.
+        if path.bytes().any(|b| b == b'%' || b.is_ascii_uppercase()) || path.contains("//") {
+            return Self::classify_canonical(&canonical(path));
+        }
+        Self::classify_canonical(path)
+    }
+
+    fn classify_canonical(path: &str) -> Endpoint {
         let Some(rest) = path.strip_prefix(API_PREFIX).and_then(|r| r.strip_prefix('/')) else {
             return Endpoint::Other;
         };
@@ -82,6 +92,30 @@ impl Endpoint {
             Endpoint::Other
         }
     }
+}
+
+/// Lower-cases, decodes percent-encoded unreserved characters and merges repeated slashes.
+fn canonical(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let mut c = bytes[i];
+        if c == b'%' && i + 2 < bytes.len() {
+            let decoded =
+                std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(d) = decoded.filter(|d| d.is_ascii_alphanumeric() || b"-._~".contains(d)) {
+                c = d;
+                i += 2;
+            }
+        }
+        i += 1;
+        if c == b'/' && out.ends_with('/') {
+            continue;
+        }
+        out.push(c.to_ascii_lowercase() as char);
+    }
+    out
 }
 
 /// Why a path is not forwarded.
@@ -116,6 +150,8 @@ fn escapes(path: &str) -> bool {
         return true;
     }
     path.split('/').any(|segment| {
+        // Servlet containers treat `..;x` as `..`: judge the segment without its parameters.
+        let segment = segment.split(';').next().unwrap_or_default();
         if segment == "." || segment == ".." {
             return true;
         }
@@ -124,7 +160,9 @@ fn escapes(path: &str) -> bool {
         }
         // Rare: only percent-encoded segments pay for the lowercase copy.
         let lower = segment.to_ascii_lowercase();
-        if lower.contains("%2f") || lower.contains("%5c") {
+        // Encoded separators, NUL, and double encodings of either that a second decode would
+        // turn into traversal.
+        if ["%2f", "%5c", "%00", "%252e", "%252f", "%255c"].iter().any(|bad| lower.contains(bad)) {
             return true;
         }
         let decoded = lower.replace("%2e", ".");
@@ -229,6 +267,10 @@ mod tests {
             "/v1/a\\..\\b",
             "/v1/a%5c..",
             "/v1/.#...",
+            "/v1/..;/admin",
+            "/v1/.;x/admin",
+            "/v1/%252e%252e/admin",
+            "/v1/a%00b",
         ] {
             assert_eq!(strip_prefix(p), Err(PathError::Traversal), "{p}");
         }
@@ -254,6 +296,11 @@ mod tests {
             ("/v1/modelsx", Other),
             ("/v1/batches", Other),
             ("/healthz", Other),
+            ("/v1/chat/%63ompletions", ChatCompletions),
+            ("/v1//chat//completions", ChatCompletions),
+            ("/v1/Chat/Completions", ChatCompletions),
+            ("/v1/%65mbeddings", Embeddings),
+            ("/v1/chat%2fcompletions", Other),
         ];
         for (path, want) in cases {
             assert_eq!(Endpoint::classify(path), want, "{path}");

@@ -146,8 +146,9 @@ impl UsageScanner {
         if data.is_empty() || data == b"[DONE]" {
             return;
         }
-        // Most chunks carry neither a new model nor usage: parse only those that may.
-        if self.scan.model.is_some() && !contains(data, b"\"usage\"") {
+        // Most chunks carry neither a new model nor usage (`"usage":null` until the last one):
+        // parse only those that may.
+        if self.scan.model.is_some() && !has_usage_object(data) {
             return;
         }
         self.absorb(data);
@@ -199,8 +200,15 @@ impl UsageScanner {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// True if `data` has a `"usage"` key whose value is an object (`"usage": {`).
+fn has_usage_object(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    data.windows(KEY.len()).enumerate().any(|(i, w)| {
+        w == KEY && {
+            let mut rest = data[i + KEY.len()..].iter().skip_while(|b| b.is_ascii_whitespace());
+            rest.next() == Some(&b':') && rest.find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        }
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -386,6 +394,14 @@ mod tests {
     fn a_last_event_without_a_blank_line_still_counts() {
         let s = scan("text/event-stream", &[b"data: {\"model\":\"m\",\"usage\":{\"total_tokens\":3}}"]);
         assert_eq!(s.usage.map(|u| u.total), Some(3));
+    }
+
+    #[test]
+    fn the_usage_prefilter_skips_null_usage() {
+        assert!(has_usage_object(br#"{"usage": {"total_tokens":1}}"#));
+        assert!(has_usage_object(br#"{"usage":{}}"#));
+        assert!(!has_usage_object(br#"{"usage":null}"#));
+        assert!(!has_usage_object(br#"{"content":"usage"}"#));
     }
 
     #[test]

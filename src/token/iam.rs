@@ -328,9 +328,21 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 pub fn sanitize_body(bytes: &[u8], creds: &Credentials) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut text: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    for needle in [creds.secret.expose(), creds.id.expose()] {
-        if !needle.is_empty() {
-            text = text.replace(needle, crate::secret::REDACTED);
+    // The values as sent, and as a server might echo them: JSON-escaped or percent-encoded.
+    for value in [creds.secret.expose(), creds.id.expose()] {
+        let json = serde_json::to_string(value).unwrap_or_default();
+        let json = json.trim_matches('"').to_string();
+        let variants = [
+            value.to_string(),
+            json.replace('/', "\\/"),
+            json,
+            form_urlencode(value),
+            form_urlencode(value).replace('+', "%20"),
+        ];
+        for needle in variants {
+            if !needle.is_empty() {
+                text = text.replace(&needle, crate::secret::REDACTED);
+            }
         }
     }
     // Anything long and unbroken (a JWT, a hex key) is redacted too.
@@ -425,6 +437,16 @@ mod tests {
         assert!(!out.contains('\n'));
         let long = "x ".repeat(500);
         assert!(sanitize_body(long.as_bytes(), &creds).chars().count() <= ERROR_BODY_CHARS + 1);
+    }
+
+    #[test]
+    fn echoed_secrets_are_redacted_in_escaped_forms_too() {
+        let creds = Credentials { id: Secret::new("id/1"), secret: Secret::new("s3cr+t/\"x") };
+        for echo in [r#"s3cr+t\/\"x"#, "s3cr%2Bt%2F%22x", r#"s3cr+t/\"x"#] {
+            let out = sanitize_body(format!("bad secret {echo} for id/1").as_bytes(), &creds);
+            assert!(!out.contains("s3cr"), "{echo}: {out}");
+            assert!(!out.contains("id/1"), "{out}");
+        }
     }
 
     #[test]

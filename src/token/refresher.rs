@@ -329,6 +329,10 @@ impl<F: Fetcher> Refresher<F> {
             fastrand::f64(),
         );
         self.next_refresh = started + delay;
+        // Old failure reasons no longer describe the state; if this token runs out before the
+        // next refresh lands, the message says a refresh is in progress.
+        self.store
+            .set_status(Unavailable { message: super::FIRST_FETCH.into(), next_attempt: self.next_refresh });
         tracing::info!(
             credential = %name,
             generation = self.generation,
