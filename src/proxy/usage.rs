@@ -35,8 +35,19 @@ pub struct Scan {
 
 #[derive(Debug)]
 enum Mode {
-    Sse { line: Vec<u8>, line_overflow: bool, event: Vec<u8>, event_overflow: bool },
-    Json { chunks: Vec<Bytes>, size: usize, overflow: bool },
+    Sse {
+        line: Vec<u8>,
+        line_overflow: bool,
+        event: Vec<u8>,
+        event_overflow: bool,
+    },
+    /// Whole bodies up to `MAX_EVENT_BYTES`; past that only the last `TAIL_BYTES`, where
+    /// `model` and `usage` sit in large responses (batched embeddings).
+    Json {
+        chunks: Vec<Bytes>,
+        size: usize,
+        tail: Option<Vec<u8>>,
+    },
 }
 
 /// Scans one response body.
@@ -59,7 +70,7 @@ impl UsageScanner {
             };
             (mode, true)
         } else if ct.starts_with("application/json") {
-            (Mode::Json { chunks: Vec::new(), size: 0, overflow: false }, false)
+            (Mode::Json { chunks: Vec::new(), size: 0, tail: None }, false)
         } else {
             return None;
         };
@@ -69,14 +80,17 @@ impl UsageScanner {
     /// Looks at the next piece of the body (any split, any size).
     pub fn feed(&mut self, data: &Bytes) {
         match &mut self.mode {
-            Mode::Json { chunks, size, overflow } => {
-                if *overflow {
-                    return;
-                }
+            Mode::Json { chunks, size, tail } => {
                 *size += data.len();
-                if *size > MAX_EVENT_BYTES {
-                    *overflow = true;
-                    chunks.clear();
+                if let Some(tail) = tail {
+                    keep_tail(tail, data);
+                } else if *size > MAX_EVENT_BYTES {
+                    let mut kept = Vec::with_capacity(2 * TAIL_BYTES);
+                    for chunk in chunks.drain(..) {
+                        keep_tail(&mut kept, &chunk);
+                    }
+                    keep_tail(&mut kept, data);
+                    *tail = Some(kept);
                 } else {
                     chunks.push(data.clone());
                 }
@@ -173,12 +187,32 @@ impl UsageScanner {
         }
     }
 
+    /// Finds the last `"model"` and `"usage"` in the tail of a large JSON body.
+    fn absorb_tail(&mut self, tail: &[u8]) {
+        let value_after = |key: &[u8]| {
+            let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
+            let rest = &tail[at..];
+            let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+            (rest[colon] == b':').then(|| &rest[colon + 1..])
+        };
+        if self.scan.model.is_none() {
+            self.scan.model = value_after(b"\"model\"")
+                .and_then(|v| String::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok());
+        }
+        let usage = value_after(b"\"usage\"")
+            .and_then(|v| UsageFields::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok());
+        match usage.and_then(UsageFields::into_usage) {
+            Some(u) => self.scan.usage = Some(u),
+            None => self.scan.malformed += 1,
+        }
+    }
+
     /// Ends the scan (at the end of the body, or when the client went away).
     pub fn finish(mut self) -> Scan {
-        match std::mem::replace(&mut self.mode, Mode::Json { chunks: Vec::new(), size: 0, overflow: false }) {
-            Mode::Json { chunks, overflow, .. } => {
-                if overflow {
-                    self.scan.malformed += 1;
+        match std::mem::replace(&mut self.mode, Mode::Json { chunks: Vec::new(), size: 0, tail: None }) {
+            Mode::Json { chunks, tail, .. } => {
+                if let Some(tail) = tail {
+                    self.absorb_tail(&tail);
                 } else if !chunks.is_empty() {
                     if chunks.len() == 1 {
                         self.absorb(&chunks[0]);
@@ -197,6 +231,18 @@ impl UsageScanner {
             }
         }
         self.scan
+    }
+}
+
+/// How much of a large JSON body's end is kept.
+const TAIL_BYTES: usize = 64 * 1024;
+
+/// Appends `data`, keeping at most about the last `TAIL_BYTES` (amortised: trims at twice that).
+fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
+    let data = &data[data.len().saturating_sub(TAIL_BYTES)..];
+    tail.extend_from_slice(data);
+    if tail.len() > 2 * TAIL_BYTES {
+        tail.drain(..tail.len() - TAIL_BYTES);
     }
 }
 
@@ -380,6 +426,8 @@ mod tests {
         assert_eq!(s.usage, None);
         let s = scan("application/json", &[b"<html>"]);
         assert_eq!(s.malformed, 1);
+        let s = scan("application/json", &[&vec![b'x'; MAX_EVENT_BYTES + 10]]);
+        assert_eq!(s.malformed, 1, "a large body without usage");
         let huge = vec![b'x'; MAX_EVENT_BYTES + 10];
         let s = scan(
             "text/event-stream",
@@ -388,6 +436,25 @@ mod tests {
         assert_eq!(s.malformed, 1);
         assert_eq!(s.usage.map(|u| u.total), Some(3), "recovers after an oversized event");
         assert!(UsageScanner::for_content_type("audio/mpeg").is_none());
+    }
+
+    #[test]
+    fn large_json_bodies_keep_their_usage() {
+        // A batched embeddings response of ~600 KB: data first, model and usage at the end.
+        let vector = format!("[{}0.1]", "0.123456,".repeat(3000));
+        let data: Vec<String> = (0..20)
+            .map(|i| format!(r#"{{"object":"embedding","index":{i},"embedding":{vector}}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"object":"list","data":[{}],"model":"emb-large","usage":{{"prompt_tokens":77,"total_tokens":77}}}}"#,
+            data.join(",")
+        );
+        assert!(body.len() > MAX_EVENT_BYTES);
+        let pieces: Vec<&[u8]> = body.as_bytes().chunks(16 * 1024).collect();
+        let s = scan("application/json", &pieces);
+        assert_eq!(s.model.as_deref(), Some("emb-large"));
+        assert_eq!(s.usage.map(|u| (u.prompt, u.total)), Some((77, 77)));
+        assert_eq!(s.malformed, 0);
     }
 
     #[test]
