@@ -187,19 +187,15 @@ impl UsageScanner {
         }
     }
 
-    /// Finds the last `"model"` and `"usage"` in the tail of a large JSON body.
-    fn absorb_tail(&mut self, tail: &[u8]) {
-        let value_after = |key: &[u8]| {
-            let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
-            let rest = &tail[at..];
-            let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
-            (rest[colon] == b':').then(|| &rest[colon + 1..])
-        };
+    /// Reads `model` (its first occurrence) and `usage` (its last) from a JSON body by finding
+    /// the keys and parsing only their values: the rest of the body (choices, embeddings) is
+    /// never parsed. A body without a readable `usage` is counted as malformed.
+    fn absorb_keys(&mut self, body: &[u8]) {
         if self.scan.model.is_none() {
-            self.scan.model = value_after(b"\"model\"")
+            self.scan.model = value_of(body, b"\"model\"", false)
                 .and_then(|v| String::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok());
         }
-        let usage = value_after(b"\"usage\"")
+        let usage = value_of(body, b"\"usage\"", true)
             .and_then(|v| UsageFields::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok());
         match usage.and_then(UsageFields::into_usage) {
             Some(u) => self.scan.usage = Some(u),
@@ -212,13 +208,11 @@ impl UsageScanner {
         match std::mem::replace(&mut self.mode, Mode::Json { chunks: Vec::new(), size: 0, tail: None }) {
             Mode::Json { chunks, tail, .. } => {
                 if let Some(tail) = tail {
-                    self.absorb_tail(&tail);
+                    self.absorb_keys(&tail);
+                } else if chunks.len() == 1 {
+                    self.absorb_keys(&chunks[0]);
                 } else if !chunks.is_empty() {
-                    if chunks.len() == 1 {
-                        self.absorb(&chunks[0]);
-                    } else {
-                        self.absorb(&chunks.concat());
-                    }
+                    self.absorb_keys(&chunks.concat());
                 }
             }
             Mode::Sse { line, line_overflow, event, event_overflow } => {
@@ -246,15 +240,30 @@ fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
+/// The bytes after `key:` for an occurrence of `key` used as an object key (first or last).
+/// A key inside a string value is escaped (`\"usage\"`), so a match preceded by a backslash is
+/// skipped, as is one not followed by a colon.
+fn value_of<'a>(hay: &'a [u8], key: &[u8], last: bool) -> Option<&'a [u8]> {
+    let after = |pos: usize| {
+        if pos > 0 && hay[pos - 1] == b'\\' {
+            return None;
+        }
+        let rest = &hay[pos + key.len()..];
+        let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        (rest[colon] == b':').then(|| &rest[colon + 1..])
+    };
+    if last {
+        memchr::memmem::rfind_iter(hay, key).find_map(after)
+    } else {
+        memchr::memmem::find_iter(hay, key).find_map(after)
+    }
+}
+
 /// True if `data` has a `"usage"` key whose value is an object (`"usage": {`).
 fn has_usage_object(data: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"usage\"";
-    data.windows(KEY.len()).enumerate().any(|(i, w)| {
-        w == KEY && {
-            let mut rest = data[i + KEY.len()..].iter().skip_while(|b| b.is_ascii_whitespace());
-            rest.next() == Some(&b':') && rest.find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
-        }
-    })
+    value_of(data, b"\"usage\"", true)
+        .and_then(|v| v.iter().find(|b| !b.is_ascii_whitespace()))
+        .is_some_and(|&b| b == b'{')
 }
 
 #[derive(Deserialize, Default)]
@@ -426,6 +435,10 @@ mod tests {
         assert_eq!(s.usage, None);
         let s = scan("application/json", &[b"<html>"]);
         assert_eq!(s.malformed, 1);
+        // a key mentioned inside message text is not the key
+        let s = scan("application/json", &[br#"{"model":"m","choices":[{"message":{"content":"the \"model\": \"x\", \"usage\": {}"}}],"usage":{"total_tokens":9}}"#]);
+        assert_eq!(s.model.as_deref(), Some("m"));
+        assert_eq!(s.usage.map(|u| u.total), Some(9));
         let s = scan("application/json", &[&vec![b'x'; MAX_EVENT_BYTES + 10]]);
         assert_eq!(s.malformed, 1, "a large body without usage");
         let huge = vec![b'x'; MAX_EVENT_BYTES + 10];
@@ -469,6 +482,7 @@ mod tests {
         assert!(has_usage_object(br#"{"usage":{}}"#));
         assert!(!has_usage_object(br#"{"usage":null}"#));
         assert!(!has_usage_object(br#"{"content":"usage"}"#));
+        assert!(!has_usage_object(br#"{"content":"say \"usage\": {\"x\":1}"}"#));
     }
 
     #[test]
