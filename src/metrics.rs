@@ -1,7 +1,7 @@
 //! Prometheus metrics: an owned registry and typed handles, built once and shared as a cheap
 //! clone. Label values come from closed sets only (endpoint, status code, credential name).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -32,6 +32,9 @@ pub struct Inner {
     pub credential_failovers_total: IntCounterVec,
     pub forced_refreshes_total: IntCounter,
     pub requests_total: IntCounterVec,
+    /// `requests_total` children per endpoint and status code, resolved on first use so the
+    /// request path does no label hashing after that.
+    request_counters: Vec<Vec<OnceLock<IntCounter>>>,
     /// Per endpoint, resolved once so the request path does no label lookup.
     request_duration: Vec<Histogram>,
     upstream_response: Vec<Histogram>,
@@ -242,6 +245,10 @@ impl Metrics {
             credential_failovers_total,
             forced_refreshes_total,
             requests_total,
+            request_counters: Endpoint::ALL
+                .iter()
+                .map(|_| (100..600).map(|_| OnceLock::new()).collect())
+                .collect(),
             request_duration,
             upstream_response,
             upstream_unauthorized_total,
@@ -257,6 +264,17 @@ impl Metrics {
             policy_rewrites_total,
             model_labels: ModelLabels::new(max_models),
         }))
+    }
+
+    /// Counts a proxied request in `sidekey_requests_total{endpoint, code}`.
+    pub fn count_request(&self, endpoint: Endpoint, status: http::StatusCode) {
+        let code = status.as_u16();
+        match self.request_counters[endpoint as usize].get(usize::from(code.saturating_sub(100))) {
+            Some(slot) => slot
+                .get_or_init(|| self.requests_total.with_label_values(&[endpoint.as_str(), status.as_str()]))
+                .inc(),
+            None => self.requests_total.with_label_values(&[endpoint.as_str(), status.as_str()]).inc(),
+        }
     }
 
     pub fn request_duration(&self, endpoint: Endpoint) -> &Histogram {

@@ -139,7 +139,7 @@ impl Proxy {
                 resp
             }
         };
-        inner.metrics.requests_total.with_label_values(&[endpoint.as_str(), resp.status().as_str()]).inc();
+        inner.metrics.count_request(endpoint, resp.status());
         Ok(resp)
     }
 
