@@ -9,17 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Lifecycle};
-use crate::client::{self, ClientError, ClientSettings};
+use crate::client::{self, ClientError, ClientSettings, Connector};
 use crate::config::Provider;
 use crate::config::{parse_base_url, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::inspect::Policy;
 use crate::proxy::path::Target;
 use crate::proxy::{Proxy, ProxySettings};
-use crate::server::{serve, ServeSettings};
+use crate::server::{serve, serve_on, ServeSettings};
 use crate::token::credential::CredentialSource;
 use crate::token::iam::{Protocol, TokenClient};
 use crate::token::refresher::{RefreshSettings, Refresher};
@@ -46,8 +48,12 @@ pub enum AppError {
 pub struct App {
     config: Config,
     proxy_listener: TcpListener,
+    /// Proxy worker threads (`server.worker_threads`).
+    workers: usize,
     admin_listener: TcpListener,
-    proxy: Proxy,
+    proxy_settings: ProxySettings,
+    /// Cloned per worker: each worker keeps its own pool of upstream connections.
+    upstream_connector: Connector,
     admin: Admin,
     metrics: Metrics,
     tokens: TokenStore,
@@ -59,6 +65,10 @@ pub struct App {
 impl App {
     /// Binds both listeners and builds every shared handle. `config` must be validated.
     pub async fn bind(config: Config) -> Result<App, AppError> {
+        let workers = config
+            .server
+            .worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let proxy_listener = bind("server.listen", config.server.listen).await?;
         let admin_listener = bind("server.admin_listen", config.server.admin_listen).await?;
 
@@ -75,41 +85,37 @@ impl App {
             pool_idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
             pool_max_idle_per_host: u.pool_max_idle_per_host,
         };
-        let upstream_client = client::build(client::connector(&upstream_settings)?, &upstream_settings);
+        let upstream_connector = client::connector(&upstream_settings)?;
         let base = parse_base_url("upstream.base_url", &u.base_url)?;
         let target = Target::new(&base).ok_or_else(|| ConfigError::Invalid {
             key: "upstream.base_url".into(),
             reason: "must be an absolute URL".into(),
         })?;
-        let proxy = Proxy::new(
-            upstream_client,
-            ProxySettings {
-                target,
-                listen: proxy_listener
-                    .local_addr()
-                    .map_err(|source| AppError::Bind {
-                        key: "server.listen",
-                        addr: config.server.listen,
-                        source,
-                    })?
-                    .to_string(),
-                max_body: config.server.max_request_body_bytes,
-                replay_capacity: config.server.replay_buffer_bytes,
-                idle_timeout: Duration::from_secs(u.idle_timeout_secs),
-                request_timeout: u.request_timeout_secs.map(Duration::from_secs),
-                forced_refresh_wait: Duration::from_secs(config.auth.forced_refresh_timeout_secs),
-                access_log: config.log.access,
-                max_inflight: config.server.max_inflight,
-                queue_timeout: Duration::from_millis(config.server.queue_timeout_ms),
-                policy: Policy::new(&config.policy, config.usage.include_stream_usage),
-                usage_scan: config.usage.scan,
-                loopback_only: config.server.listen.ip().is_loopback(),
-                allowed_hosts: config.server.allowed_hosts.clone(),
-                allowed_origins: config.server.allowed_origins.clone(),
-            },
-            tokens.clone(),
-            metrics.clone(),
-        );
+        let proxy_settings = ProxySettings {
+            target,
+            listen: proxy_listener
+                .local_addr()
+                .map_err(|source| AppError::Bind {
+                    key: "server.listen",
+                    addr: config.server.listen,
+                    source,
+                })?
+                .to_string(),
+            max_body: config.server.max_request_body_bytes,
+            replay_capacity: config.server.replay_buffer_bytes,
+            idle_timeout: Duration::from_secs(u.idle_timeout_secs),
+            request_timeout: u.request_timeout_secs.map(Duration::from_secs),
+            forced_refresh_wait: Duration::from_secs(config.auth.forced_refresh_timeout_secs),
+            access_log: config.log.access,
+            max_inflight: config.server.max_inflight,
+            inflight_slots: config.server.max_inflight.map(|n| Arc::new(Semaphore::new(n))),
+            queue_timeout: Duration::from_millis(config.server.queue_timeout_ms),
+            policy: Policy::new(&config.policy, config.usage.include_stream_usage),
+            usage_scan: config.usage.scan,
+            loopback_only: config.server.listen.ip().is_loopback(),
+            allowed_hosts: config.server.allowed_hosts.clone(),
+            allowed_origins: config.server.allowed_origins.clone(),
+        };
 
         let a = &config.auth;
         let iam_settings = ClientSettings {
@@ -150,8 +156,10 @@ impl App {
         Ok(App {
             config,
             proxy_listener,
+            workers: workers.max(1),
             admin_listener,
-            proxy,
+            proxy_settings,
+            upstream_connector,
             admin,
             metrics,
             tokens,
@@ -190,23 +198,26 @@ impl App {
         let App {
             config,
             proxy_listener,
+            workers,
             admin_listener,
-            proxy,
+            proxy_settings,
+            upstream_connector,
             admin,
-            metrics: _,
-            tokens: _,
+            metrics,
+            tokens,
             lifecycle,
             quit,
             refresher,
         } = self;
         let s = &config.server;
-        let display = |l: &TcpListener| l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
-        let (proxy_addr, admin_addr) = (display(&proxy_listener), display(&admin_listener));
+        let proxy_addr = proxy_listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+        let admin_addr = admin_listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
         let names: Vec<&str> = config.auth.credentials.iter().map(|c| c.name.as_str()).collect();
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             listen = %proxy_addr,
             admin_listen = %admin_addr,
+            workers,
             upstream = %config.upstream.base_url,
             provider = config.auth.provider.as_str(),
             token_url = %config.auth.token_url,
@@ -236,15 +247,41 @@ impl App {
                 async move { admin.handle(req, peer).await }
             },
         ));
+
+        // The proxy runs on its own worker threads, one single-threaded event loop each (like
+        // nginx's workers): a connection and its requests never hop between threads, and each
+        // worker keeps its own pool of upstream connections.
+        let u = &config.upstream;
+        let pool = ClientSettings {
+            ca_file: None,
+            connect_timeout: Duration::from_secs(u.connect_timeout_secs),
+            pool_idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
+            pool_max_idle_per_host: u.pool_max_idle_per_host,
+        };
+        let worker_stop = CancellationToken::new();
+        let mut handlers = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..workers {
+            let Some((handle, thread)) = start_worker(i, worker_stop.clone()) else { continue };
+            let proxy = Proxy::new(
+                client::build(upstream_connector.clone(), &pool),
+                proxy_settings.clone(),
+                tokens.clone(),
+                metrics.clone(),
+            );
+            let handler = move |req, _peer| {
+                let proxy = proxy.clone();
+                async move { proxy.handle(req).await }
+            };
+            handlers.push((handle, handler));
+            threads.push(thread);
+        }
         let proxy_stop = CancellationToken::new();
-        let proxy_task = tokio::spawn(serve(
+        let proxy_task = tokio::spawn(serve_on(
             proxy_listener,
             listener_settings("proxy", Duration::from_secs(s.shutdown_grace_secs)),
             proxy_stop.clone(),
-            move |req, _peer| {
-                let proxy = proxy.clone();
-                async move { proxy.handle(req).await }
-            },
+            handlers,
         ));
 
         tokio::select! {
@@ -262,11 +299,37 @@ impl App {
         }
         proxy_stop.cancel();
         let _ = proxy_task.await;
+        worker_stop.cancel();
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         background.cancel();
         let _ = refresher_task.await;
         admin_stop.cancel();
         let _ = admin_task.await;
         tracing::info!("Shutdown complete");
+    }
+}
+
+/// Starts proxy worker `i`: a thread running a single-threaded runtime until `stop`. Returns
+/// the runtime's handle (connections are spawned onto it) and the thread.
+fn start_worker(i: usize, stop: CancellationToken) -> Option<(Handle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new().name(format!("sidekey-worker-{i}")).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, worker = i, "Cannot start a proxy worker runtime");
+                return;
+            }
+        };
+        let _ = tx.send(runtime.handle().clone());
+        runtime.block_on(stop.cancelled());
+    });
+    match thread {
+        Ok(thread) => rx.recv().ok().map(|handle| (handle, thread)),
+        Err(e) => {
+            tracing::error!(error = %e, worker = i, "Cannot start a proxy worker thread");
+            None
+        }
     }
 }
 

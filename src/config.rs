@@ -68,6 +68,9 @@ pub struct ServerConfig {
     /// then get 429 with `Retry-After`, which SDK retry logic handles.
     pub max_inflight: Option<usize>,
     pub queue_timeout_ms: u64,
+    /// Proxy worker threads, each with its own event loop, listener (`SO_REUSEPORT`) and
+    /// upstream connection pool. Unset: one per CPU core.
+    pub worker_threads: Option<usize>,
     /// Extra names accepted in the `Host` header while the proxy listens on loopback (which
     /// otherwise accepts only loopback addresses and `localhost`: a guard against DNS
     /// rebinding from a browser).
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             max_inflight: None,
             queue_timeout_ms: 10_000,
+            worker_threads: None,
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
         }
@@ -460,6 +464,12 @@ impl Config {
         positive("server.header_read_timeout_secs", s.header_read_timeout_secs)?;
         positive("server.max_connections", s.max_connections as u64)?;
         positive("server.max_headers", s.max_headers as u64)?;
+        if s.worker_threads == Some(0) {
+            return Err(ConfigError::invalid(
+                "server.worker_threads",
+                "must be greater than 0 (or unset for one per core)",
+            ));
+        }
         if s.max_inflight == Some(0) {
             return Err(ConfigError::invalid(
                 "server.max_inflight",

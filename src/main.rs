@@ -87,6 +87,8 @@ fn startup_failed(e: &sidekey::app::AppError) -> ExitCode {
     }
 }
 
+/// The control runtime: token refresher, admin listener, signals. The proxy itself runs on its
+/// own worker threads (see `App::run`), so one thread is plenty here.
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime starts")
 }

@@ -13,7 +13,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,23 @@ pub async fn serve<H, Fut, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    serve_on(listener, settings, stop, vec![(Handle::current(), handler)]).await
+}
+
+/// Like [`serve`], handing accepted connections round-robin to `workers`: each connection lives
+/// entirely on one worker runtime (its socket registered with that runtime's reactor), served by
+/// that worker's handler.
+pub async fn serve_on<H, Fut, B>(
+    listener: TcpListener,
+    settings: ServeSettings,
+    stop: CancellationToken,
+    workers: Vec<(Handle, H)>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -64,6 +82,7 @@ pub async fn serve<H, Fut, B>(
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let mut conns = JoinSet::new();
+    let mut next = 0usize;
 
     loop {
         let permit = tokio::select! {
@@ -86,18 +105,37 @@ pub async fn serve<H, Fut, B>(
             },
         };
         while conns.try_join_next().is_some() {}
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| handler(req, peer));
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
-        let name = settings.name;
-        conns.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(listener = name, error = %e, "Connection ended with an error");
+        let Some((handle, handler)) = workers.get(next % workers.len().max(1)) else { break };
+        next = next.wrapping_add(1);
+        // Moved to the worker's own reactor, so its I/O never wakes this thread.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(listener = settings.name, error = %e, "Cannot hand a connection to a worker");
+                continue;
             }
-            drop(permit);
-        });
+        };
+        let (handler, builder, watcher, name) =
+            (handler.clone(), builder.clone(), graceful.watcher(), settings.name);
+        conns.spawn_on(
+            async move {
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(listener = name, error = %e, "Cannot register a connection");
+                        return;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = service_fn(move |req| handler(req, peer));
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(listener = name, error = %e, "Connection ended with an error");
+                }
+                drop(permit);
+            },
+            handle,
+        );
     }
     drop(listener);
     let open = conns.len();

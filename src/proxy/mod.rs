@@ -47,8 +47,9 @@ pub struct ProxySettings {
     pub request_timeout: Option<Duration>,
     pub forced_refresh_wait: Duration,
     pub access_log: bool,
-    /// `server.max_inflight` and how long to wait for a slot.
+    /// `server.max_inflight` (its slots shared by every worker) and how long to wait for one.
     pub max_inflight: Option<usize>,
+    pub inflight_slots: Option<Arc<Semaphore>>,
     pub queue_timeout: Duration,
     /// The request policy (`policy.*`, `usage.include_stream_usage`).
     pub policy: Policy,
@@ -82,7 +83,7 @@ impl Proxy {
         tokens: TokenStore,
         metrics: Metrics,
     ) -> Self {
-        let slots = settings.max_inflight.map(|n| Arc::new(Semaphore::new(n)));
+        let slots = settings.inflight_slots.clone();
         Self { inner: Arc::new(Inner { client, settings, tokens, metrics, slots }) }
     }
 
