@@ -297,22 +297,8 @@ impl Metrics {
         if scan.malformed > 0 {
             self.usage_malformed_total.inc_by(u64::from(scan.malformed));
         }
-        let model = self.model_labels.label(scan.model.as_deref().or(request_model));
-        let stream = if scan.stream { "true" } else { "false" };
-        self.llm_requests_total.with_label_values(&[model.as_str(), stream]).inc();
-        let Some(u) = scan.usage else { return };
-        let kinds = [
-            ("prompt", Some(u.prompt)),
-            ("completion", Some(u.completion)),
-            ("total", Some(u.total)),
-            ("cached", u.cached),
-            ("reasoning", u.reasoning),
-        ];
-        for (kind, n) in kinds {
-            if let Some(n) = n {
-                self.llm_tokens_total.with_label_values(&[model.as_str(), kind]).inc_by(n);
-            }
-        }
+        let model = scan.model.as_deref().or(request_model);
+        self.model_labels.counters(model, &self.llm_requests_total).record(scan, &self.llm_tokens_total);
     }
 
     /// The registry in Prometheus text format.

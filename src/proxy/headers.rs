@@ -17,13 +17,20 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
-        // Rare beyond "keep-alive"/"close"; the small copy only happens when the header exists.
+        // SDKs send `Connection: keep-alive` on every request: tokens that name nothing to
+        // remove (or a header removed below anyway) cost no allocation. Others are rare.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);

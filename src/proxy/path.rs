@@ -195,9 +195,11 @@ impl Target {
 
     /// `{base}{rest}` where `rest` comes from [`strip_prefix`].
     pub fn join(&self, rest: &str) -> Result<Uri, http::Error> {
-        let mut pq = String::with_capacity(self.base_path.len() + rest.len() + 1);
+        let slash = self.base_path.is_empty() && !rest.starts_with('/');
+        // Exact capacity: `Bytes::from(String)` then takes the buffer without reallocating.
+        let mut pq = String::with_capacity(self.base_path.len() + rest.len() + usize::from(slash));
         pq.push_str(&self.base_path);
-        if pq.is_empty() && !rest.starts_with('/') {
+        if slash {
             pq.push('/');
         }
         pq.push_str(rest);

@@ -2,8 +2,10 @@
 //! streams, and a bounded side copy for JSON bodies. Nothing is delayed or held back from the
 //! client; malformed or unexpected payloads are counted, never fatal.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus::{IntCounter, IntCounterVec};
 
 use std::borrow::Cow;
 
@@ -326,34 +328,77 @@ impl UsageFields {
     }
 }
 
+/// Per-model counter handles, resolved once per model so recording usage does no label
+/// hashing: `[stream=false, stream=true]` requests, and one lazily created counter per kind.
+#[derive(Debug)]
+pub struct ModelCounters {
+    label: String,
+    requests: [IntCounter; 2],
+    tokens: [OnceLock<IntCounter>; KINDS.len()],
+}
+
+/// The `kind` label values of `sidekey_llm_tokens_total`.
+pub const KINDS: [&str; 5] = ["prompt", "completion", "total", "cached", "reasoning"];
+
+impl ModelCounters {
+    fn new(label: String, requests: &IntCounterVec) -> Self {
+        let requests = ["false", "true"].map(|stream| requests.with_label_values(&[label.as_str(), stream]));
+        Self { label, requests, tokens: Default::default() }
+    }
+
+    /// Records one scanned response.
+    pub fn record(&self, scan: &Scan, tokens: &IntCounterVec) {
+        self.requests[usize::from(scan.stream)].inc();
+        let Some(u) = scan.usage else { return };
+        let counts = [Some(u.prompt), Some(u.completion), Some(u.total), u.cached, u.reasoning];
+        for (i, n) in counts.into_iter().enumerate() {
+            if let Some(n) = n {
+                self.tokens[i]
+                    .get_or_init(|| tokens.with_label_values(&[self.label.as_str(), KINDS[i]]))
+                    .inc_by(n);
+            }
+        }
+    }
+}
+
 /// Bounds the `model` label: the first `max` distinct models keep their name, later ones are
-/// `other`.
+/// counted as `other`; a response naming no model counts as `unknown`.
 #[derive(Debug)]
 pub struct ModelLabels {
     max: usize,
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<HashMap<String, Arc<ModelCounters>>>,
+    other: OnceLock<Arc<ModelCounters>>,
+    unknown: OnceLock<Arc<ModelCounters>>,
 }
 
 impl ModelLabels {
     pub fn new(max: usize) -> Self {
-        Self { max, seen: Mutex::new(HashSet::new()) }
+        Self { max, seen: Mutex::default(), other: OnceLock::new(), unknown: OnceLock::new() }
     }
 
-    /// The label for `model` (`unknown` when none was reported).
-    pub fn label(&self, model: Option<&str>) -> String {
-        let Some(model) = model.filter(|m| !m.is_empty()) else { return "unknown".into() };
-        // Label values stay printable and short whatever upstream sends.
-        let model: String =
-            model.chars().filter(|c| !c.is_control()).take(128).collect::<String>().replace('"', "'");
+    /// The counters for `model` (created on first sight, within the bound).
+    pub fn counters(&self, model: Option<&str>, requests: &IntCounterVec) -> Arc<ModelCounters> {
+        let Some(model) = model.filter(|m| !m.is_empty()) else {
+            return Arc::clone(
+                self.unknown.get_or_init(|| Arc::new(ModelCounters::new("unknown".into(), requests))),
+            );
+        };
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(&model) {
-            return model;
+        if let Some(c) = seen.get(model) {
+            return Arc::clone(c);
         }
-        if seen.len() < self.max {
-            seen.insert(model.clone());
-            return model;
+        if seen.len() >= self.max {
+            drop(seen);
+            return Arc::clone(
+                self.other.get_or_init(|| Arc::new(ModelCounters::new("other".into(), requests))),
+            );
         }
-        "other".into()
+        // Label values stay printable and short whatever upstream sends.
+        let label: String =
+            model.chars().filter(|c| !c.is_control()).take(128).collect::<String>().replace('"', "'");
+        let counters = Arc::new(ModelCounters::new(label, requests));
+        seen.insert(model.to_string(), Arc::clone(&counters));
+        counters
     }
 }
 
@@ -487,12 +532,15 @@ mod tests {
 
     #[test]
     fn model_labels_are_bounded() {
+        let requests = IntCounterVec::new(prometheus::Opts::new("r", "r"), &["model", "stream"]).unwrap();
         let labels = ModelLabels::new(2);
-        assert_eq!(labels.label(Some("a")), "a");
-        assert_eq!(labels.label(Some("b")), "b");
-        assert_eq!(labels.label(Some("c")), "other");
-        assert_eq!(labels.label(Some("a")), "a");
-        assert_eq!(labels.label(None), "unknown");
+        let label = |m: Option<&str>| labels.counters(m, &requests).label.clone();
+        assert_eq!(label(Some("a")), "a");
+        assert_eq!(label(Some("b")), "b");
+        assert_eq!(label(Some("c")), "other");
+        assert_eq!(label(Some("a")), "a");
+        assert_eq!(label(None), "unknown");
+        assert!(Arc::ptr_eq(&labels.counters(Some("a"), &requests), &labels.counters(Some("a"), &requests)));
     }
 }
 
