@@ -295,6 +295,7 @@ pub fn render(opts: &Opts) -> Result<String, BoxError> {
         met.len()
     );
 
+    usage_cost(&mut out, &results);
     micro(&mut out, &results);
     checks(&mut out, &results);
     raw_rounds(&mut out, &results);
@@ -314,6 +315,21 @@ fn token_target(results: &Results) -> Option<bool> {
         .find(|r| r.data["name"] == "token_inject")
         .and_then(|r| r.data["allocs"].as_f64())
         .map(|a| a == 0.0)
+}
+
+/// The cost of token usage accounting: sidekey's throughput with `usage.scan = true` (the
+/// default, the table's figure) against a second instance with it off, in the same rounds.
+fn usage_cost(out: &mut String, results: &Results) {
+    let on = results.median("throughput", "sidekey", "/rps");
+    let off = results.median("throughput_noscan", "sidekey", "/rps");
+    let (Some(on), Some(off)) = (on, off) else { return };
+    let cost = (off - on) / off * 100.0;
+    let _ = writeln!(
+        out,
+        "\n### Usage accounting cost\n\nThroughput (1) with `usage.scan = true` (default): {on:.0} req/s; \
+         with `usage.scan = false`: {off:.0} req/s; cost {cost:.1} % (target < 5 %: {}).",
+        if cost < 5.0 { "met" } else { "**not met**" }
+    );
 }
 
 /// (6) the criterion figures and allocation counts.

@@ -197,6 +197,7 @@ order() { # ROUND: the targets, rotated each round so none always goes first
 # Servers.
 free_port ORIGIN_PORT; free_port PROXY_PORT; free_port PROXY_SSE_PORT
 free_port SK_PORT; free_port SK_ADMIN; free_port SK_SSE_PORT; free_port SK_SSE_ADMIN
+free_port SK_NOSCAN_PORT; free_port SK_NOSCAN_ADMIN
 free_port START_PORT; free_port START_ADMIN; free_port NSTART_PORT; free_port NSTART_SSE_PORT
 
 log "starting bench-upstream (fake SSE upstream + fake IAM)"
@@ -318,6 +319,9 @@ EOF
 sidekey_conf "$SK_PORT" "$SK_ADMIN" "http://127.0.0.1:$ORIGIN_PORT/v1" >"$tmp/sidekey-json.toml"
 sidekey_conf "$SK_SSE_PORT" "$SK_SSE_ADMIN" "http://$UPSTREAM/v1" >"$tmp/sidekey-sse.toml"
 sidekey_conf "$START_PORT" "$START_ADMIN" "http://$UPSTREAM/v1" >"$tmp/sidekey-startup.toml"
+# A third, identical but for usage accounting, to price it (issue: < 5 % of throughput).
+{ sidekey_conf "$SK_NOSCAN_PORT" "$SK_NOSCAN_ADMIN" "http://127.0.0.1:$ORIGIN_PORT/v1"; printf '\n[usage]\nscan = false\n'; } \
+  >"$tmp/sidekey-noscan.toml"
 log "starting sidekey (:$SK_PORT -> nginx upstream, :$SK_SSE_PORT -> bench-upstream)"
 "$tmp/sidekey" --config "$tmp/sidekey-json.toml" 2>"$tmp/sidekey-json.log" &
 SK_PID=$!
@@ -325,8 +329,11 @@ pids+=("$SK_PID")
 "$tmp/sidekey" --config "$tmp/sidekey-sse.toml" 2>"$tmp/sidekey-sse.log" &
 SK_SSE_PID=$!
 pids+=("$SK_SSE_PID")
+"$tmp/sidekey" --config "$tmp/sidekey-noscan.toml" 2>"$tmp/sidekey-noscan.log" &
+pids+=("$!")
 wait_http "http://127.0.0.1:$SK_ADMIN/readyz"
 wait_http "http://127.0.0.1:$SK_SSE_ADMIN/readyz"
+wait_http "http://127.0.0.1:$SK_NOSCAN_ADMIN/readyz"
 
 # Sanity: the same answer through every path, and the proxies really replace Authorization.
 for url in "http://127.0.0.1:$ORIGIN_PORT" "http://127.0.0.1:$PROXY_PORT" "http://127.0.0.1:$SK_PORT"; do
@@ -346,6 +353,7 @@ declare -A JSON_URL=(
   [direct]="http://127.0.0.1:$ORIGIN_PORT/v1/chat/completions"
   [nginx]="http://127.0.0.1:$PROXY_PORT/v1/chat/completions"
   [sidekey]="http://127.0.0.1:$SK_PORT/v1/chat/completions"
+  [sidekey_noscan]="http://127.0.0.1:$SK_NOSCAN_PORT/v1/chat/completions"
 )
 declare -A SSE_BASE=(
   [direct]="http://$UPSTREAM/v1"
@@ -360,7 +368,7 @@ run_wrk() { # TARGET SECS
     -s "$ROOT/bench/wrk-post.lua" "${JSON_URL[$1]}" | sed -n 's/^JSON //p'
 }
 log "(1) throughput: warm-up"
-for t in direct nginx sidekey; do run_wrk "$t" 1 >/dev/null; done
+for t in direct nginx sidekey sidekey_noscan; do run_wrk "$t" 1 >/dev/null; done
 m_wrk() { out=$(run_wrk "$1" "$WRK_SECS"); }
 for round in $(seq "$ROUNDS"); do
   for t in $(order "$round"); do
@@ -368,6 +376,9 @@ for round in $(seq "$ROUNDS"); do
     record throughput "$t" "$round" "$out"
     log "(1) throughput round $round $t: $(jq -r '"\(.rps|floor) req/s, p99 \(.latency.p99_us) us, errors \(.errors|[.[]]|add)"' <<<"$out")"
   done
+  attempt m_wrk sidekey_noscan
+  record throughput_noscan sidekey "$round" "$out"
+  log "(1) throughput round $round sidekey usage.scan=false: $(jq -r '.rps|floor' <<<"$out") req/s"
 done
 
 # ---------------------------------------------------------------------------------------------

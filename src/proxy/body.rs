@@ -244,7 +244,7 @@ pub struct RequestGuard {
     /// The `server.max_inflight` slot, held until the response body ends.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Reads token usage off the response body, when it can carry any.
-    usage: Option<Box<UsageScanner>>,
+    usage: Option<UsageScanner>,
     /// The model the request named, for responses that do not say.
     request_model: Option<String>,
 }
@@ -275,7 +275,7 @@ impl RequestGuard {
 
     /// Scans the response body for token usage.
     pub fn scan_usage(&mut self, scanner: UsageScanner) {
-        self.usage = Some(Box::new(scanner));
+        self.usage = Some(scanner);
     }
 
     pub fn set_request_model(&mut self, model: Option<String>) {

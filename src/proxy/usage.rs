@@ -62,8 +62,11 @@ pub struct UsageScanner {
 impl UsageScanner {
     /// A scanner for a response of this content type, if it is one that can carry usage.
     pub fn for_content_type(content_type: &str) -> Option<Self> {
-        let ct = content_type.trim_start().to_ascii_lowercase();
-        let (mode, stream) = if ct.starts_with("text/event-stream") {
+        let ct = content_type.trim_start().as_bytes();
+        let is = |prefix: &str| {
+            ct.len() >= prefix.len() && ct[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        };
+        let (mode, stream) = if is("text/event-stream") {
             let mode = Mode::Sse {
                 line: Vec::new(),
                 line_overflow: false,
@@ -71,7 +74,7 @@ impl UsageScanner {
                 event_overflow: false,
             };
             (mode, true)
-        } else if ct.starts_with("application/json") {
+        } else if is("application/json") {
             (Mode::Json { chunks: Vec::new(), size: 0, tail: None }, false)
         } else {
             return None;
