@@ -259,6 +259,8 @@ impl App {
             pool_max_idle_per_host: u.pool_max_idle_per_host,
         };
         let worker_stop = CancellationToken::new();
+        // Also stops the workers if this future is dropped instead of finishing.
+        let _workers_guard = worker_stop.clone().drop_guard();
         let mut handlers = Vec::new();
         let mut threads = Vec::new();
         for i in 0..workers {
