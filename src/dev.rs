@@ -127,6 +127,7 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> Resu
         source,
     })?;
     demo.configure(&mut config);
+    let margin = config.auth.expiry_margin_secs;
     config.validate()?;
     let app = App::bind(config).await?;
     let (proxy, admin) = (app.proxy_addr(), app.admin_addr());
@@ -147,7 +148,8 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> Resu
         iam = demo.iam_addr,
         up = demo.upstream_addr,
         secs = DEV_TOKEN_LIFETIME.as_secs(),
-        half = DEV_TOKEN_LIFETIME.as_secs() / 2,
+        // Refreshed at half the usable life (lifetime less the expiry margin).
+        half = DEV_TOKEN_LIFETIME.as_secs().saturating_sub(margin) / 2,
     );
     app.run(shutdown).await;
     drop(demo);
