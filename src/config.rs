@@ -9,7 +9,6 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -596,10 +595,6 @@ impl Config {
     /// The config as TOML with every secret replaced by `[redacted]`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
-    }
-
-    pub fn upstream_connect_timeout(&self) -> Duration {
-        Duration::from_secs(self.upstream.connect_timeout_secs)
     }
 }
 

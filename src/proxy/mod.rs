@@ -380,11 +380,6 @@ impl Proxy {
             }
         }
     }
-
-    /// The upstream base URI (for logs).
-    pub fn target(&self) -> &Target {
-        &self.inner.settings.target
-    }
 }
 
 /// `host[:port]` or `[v6]:port` without the port.

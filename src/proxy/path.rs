@@ -189,10 +189,6 @@ impl Target {
         })
     }
 
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
-
     /// `{base}{rest}` where `rest` comes from [`strip_prefix`].
     pub fn join(&self, rest: &str) -> Result<Uri, http::Error> {
         let slash = self.base_path.is_empty() && !rest.starts_with('/');
