@@ -20,10 +20,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::test]
 async fn iam_outage_longer_than_the_token_life() {
     let iam = FakeIam::start().await;
-    iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(2)));
     let up = FakeUpstream::ok().await;
-    let mut cfg = config(&iam, &up.base_url());
-    cfg.auth.expiry_margin_secs = 1;
+    let cfg = short_token_config(&iam, &up.base_url(), 2);
     let sc = start_sidecar(cfg).await;
     sc.ready().await;
     iam.set(PRIMARY_KEY, Iam::Status(503, "down", None));
@@ -180,7 +178,6 @@ async fn upstream_429_and_5xx_pass_through_unchanged() {
 async fn token_churn_under_load() {
     let secs: u64 = std::env::var("SIDEKEY_CHURN_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     let iam = FakeIam::start().await;
-    iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(3)));
     let expired = Arc::new(AtomicU64::new(0));
     let (iam2, exp2) = (iam.clone(), Arc::clone(&expired));
     let up = FakeUpstream::start(move |req| {
@@ -202,8 +199,7 @@ async fn token_churn_under_load() {
         }
     })
     .await;
-    let mut cfg = config(&iam, &up.base_url());
-    cfg.auth.expiry_margin_secs = 1;
+    let cfg = short_token_config(&iam, &up.base_url(), 3);
     let sc = start_sidecar(cfg).await;
     sc.ready().await;
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

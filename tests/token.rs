@@ -203,10 +203,8 @@ async fn iam_down_at_startup_then_back() {
 #[tokio::test]
 async fn iam_outage_shorter_than_the_token_life_is_invisible() {
     let iam = FakeIam::start().await;
-    iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(4)));
     let (up, seen) = validating_upstream(&iam, None).await;
-    let mut cfg = config(&iam, &up.base_url());
-    cfg.auth.expiry_margin_secs = 1;
+    let cfg = short_token_config(&iam, &up.base_url(), 4);
     let sc = start_sidecar(cfg).await;
     sc.ready().await;
     // IAM goes down right after the first token; it comes back before that token expires.
@@ -338,10 +336,8 @@ async fn primary_rejected_backup_takes_over_then_failback() {
 #[tokio::test]
 async fn primary_revoked_mid_run_without_failed_requests() {
     let iam = FakeIam::start().await;
-    iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(3)));
     let (up, seen) = validating_upstream(&iam, None).await;
-    let mut cfg = config(&iam, &up.base_url());
-    cfg.auth.expiry_margin_secs = 1;
+    let mut cfg = short_token_config(&iam, &up.base_url(), 3);
     cfg.auth.credentials.push(credential("backup", BACKUP_KEY, BACKUP_SECRET));
     let sc = start_sidecar(cfg).await;
     sc.ready().await;
@@ -435,10 +431,8 @@ async fn rotated_secret_files_are_picked_up_without_restart() {
 #[tokio::test]
 async fn readiness_follows_the_token_and_healthz_is_alive() {
     let iam = FakeIam::start().await;
-    iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(2)));
     let up = FakeUpstream::ok().await;
-    let mut cfg = config(&iam, &up.base_url());
-    cfg.auth.expiry_margin_secs = 1;
+    let cfg = short_token_config(&iam, &up.base_url(), 2);
     let sc = start_sidecar(cfg).await;
     sc.ready().await;
     let c = client();

@@ -316,6 +316,15 @@ pub fn config(iam: &FakeIam, upstream_base: &str) -> Config {
     c
 }
 
+/// Like [`config`], with the primary issued tokens living `lifetime_secs` and a 1 s expiry
+/// margin, so short-lived tokens stay usable for most of their life.
+pub fn short_token_config(iam: &FakeIam, upstream_base: &str, lifetime_secs: u64) -> Config {
+    iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(lifetime_secs)));
+    let mut c = config(iam, upstream_base);
+    c.auth.expiry_margin_secs = 1;
+    c
+}
+
 /// A running sidekey.
 pub struct Sidecar {
     pub proxy: SocketAddr,
