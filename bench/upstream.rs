@@ -101,6 +101,7 @@ async fn run(args: Args) {
         name,
         max_connections: 16_384,
         header_read_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(300),
         max_headers: 100,
         max_header_bytes: 64 * 1024,
         grace: Duration::from_millis(100),

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::proxy::{BrowserGuard, HostRule};
 use crate::token::TokenStore;
 
 /// Process-wide state the probes report on.
@@ -34,6 +35,10 @@ pub struct Admin {
     lifecycle: Arc<Lifecycle>,
     /// Fired by `POST /quitquitquit` when enabled.
     quit: Option<CancellationToken>,
+    /// `server.allowed_origins` and `server.allowed_hosts`: a web page must neither trigger
+    /// `/quitquitquit` cross-site nor read `/metrics` by DNS rebinding.
+    allowed_origins: Vec<String>,
+    allowed_hosts: Vec<String>,
 }
 
 impl Admin {
@@ -43,7 +48,14 @@ impl Admin {
         lifecycle: Arc<Lifecycle>,
         quit: Option<CancellationToken>,
     ) -> Self {
-        Self { metrics, tokens, lifecycle, quit }
+        Self { metrics, tokens, lifecycle, quit, allowed_origins: Vec::new(), allowed_hosts: Vec::new() }
+    }
+
+    /// Accepts browser origins and extra `Host` names besides IP literals and `localhost`.
+    pub fn with_browser_rules(mut self, allowed_origins: Vec<String>, allowed_hosts: Vec<String>) -> Self {
+        self.allowed_origins = allowed_origins;
+        self.allowed_hosts = allowed_hosts;
+        self
     }
 
     pub async fn handle(
@@ -51,6 +63,14 @@ impl Admin {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let guard = BrowserGuard {
+            allowed_origins: &self.allowed_origins,
+            allowed_hosts: &self.allowed_hosts,
+            hosts: HostRule::IpLiteral,
+        };
+        if let Err(reason) = guard.check(&req) {
+            return Ok(text(StatusCode::FORBIDDEN, format!("{reason}\n")));
+        }
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         let resp = match (req.uri().path(), get) {
             ("/healthz", true) => {

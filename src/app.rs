@@ -18,6 +18,7 @@ use crate::client::{self, ClientError, ClientSettings, Connector};
 use crate::config::Provider;
 use crate::config::{parse_base_url, Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::proxy::budget::ByteBudget;
 use crate::proxy::inspect::Policy;
 use crate::proxy::path::Target;
 use crate::proxy::{Proxy, ProxySettings};
@@ -103,6 +104,11 @@ impl App {
                 .to_string(),
             max_body: config.server.max_request_body_bytes,
             replay_capacity: config.server.replay_buffer_bytes,
+            body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
+            buffer: ByteBudget::new(
+                config.server.max_buffered_bytes,
+                Some(metrics.buffered_request_bytes.clone()),
+            ),
             idle_timeout: Duration::from_secs(u.idle_timeout_secs),
             request_timeout: u.request_timeout_secs.map(Duration::from_secs),
             forced_refresh_wait: Duration::from_secs(config.auth.forced_refresh_timeout_secs),
@@ -152,7 +158,8 @@ impl App {
             tokens.clone(),
             Arc::clone(&lifecycle),
             config.server.enable_quit_endpoint.then(|| quit.clone()),
-        );
+        )
+        .with_browser_rules(config.server.allowed_origins.clone(), config.server.allowed_hosts.clone());
         Ok(App {
             config,
             proxy_listener,
@@ -229,10 +236,11 @@ impl App {
         let refresher_task =
             tokio::spawn(refresher.run(background.clone(), Arc::clone(&lifecycle.refresher_alive)));
 
-        let listener_settings = |name, grace| ServeSettings {
+        let listener_settings = |name, max_connections, grace| ServeSettings {
             name,
-            max_connections: s.max_connections,
+            max_connections,
             header_read_timeout: Duration::from_secs(s.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(s.connection_idle_timeout_secs),
             max_headers: s.max_headers,
             max_header_bytes: s.max_header_bytes,
             grace,
@@ -240,7 +248,8 @@ impl App {
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(serve(
             admin_listener,
-            listener_settings("admin", Duration::from_secs(1)),
+            // Its own connection budget: however busy the proxy port, probes get through.
+            listener_settings("admin", s.admin_max_connections, Duration::from_secs(1)),
             admin_stop.clone(),
             move |req, peer| {
                 let admin = admin.clone();
@@ -281,7 +290,7 @@ impl App {
         let proxy_stop = CancellationToken::new();
         let proxy_task = tokio::spawn(serve_on(
             proxy_listener,
-            listener_settings("proxy", Duration::from_secs(s.shutdown_grace_secs)),
+            listener_settings("proxy", s.max_connections, Duration::from_secs(s.shutdown_grace_secs)),
             proxy_stop.clone(),
             handlers,
         ));

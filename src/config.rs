@@ -55,10 +55,26 @@ pub struct ServerConfig {
     pub shutdown_delay_secs: u64,
     /// Serve `POST /quitquitquit` on the admin port (loopback callers only).
     pub enable_quit_endpoint: bool,
-    /// A client must send its request headers within this time (slowloris guard).
+    /// From accept to a complete first request head (HTTP/1 headers, or the HTTP/2 preface and
+    /// first request) at most, and for each later HTTP/1 request head (slowloris guard).
     pub header_read_timeout_secs: u64,
-    /// Open client connections at most; further connections wait in the kernel backlog.
+    /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive and
+    /// HTTP/2 alike).
+    pub connection_idle_timeout_secs: u64,
+    /// A request body that sends nothing for this long is cut: 408 if sidekey is still reading
+    /// it, and its slot and memory are freed.
+    pub body_read_timeout_secs: u64,
+    /// Bytes of request bodies held in memory at once, process-wide: bodies read for the policy
+    /// and the copies kept for a 401 replay. When spent, policy reads get 503 with
+    /// `Retry-After` and new uploads are not made replayable.
+    pub max_buffered_bytes: u64,
+    /// Open client connections at most. At the limit, the oldest connection with no request in
+    /// flight is closed to make room; if every connection is busy, new ones wait in the kernel
+    /// backlog.
     pub max_connections: usize,
+    /// Open connections to the admin listener at most, its own budget: probes keep answering
+    /// however busy the proxy port is.
+    pub admin_max_connections: usize,
     /// Request headers per request at most (HTTP/1).
     pub max_headers: usize,
     /// Bytes of request line plus headers at most (HTTP/1 read buffer, at least 8192).
@@ -90,7 +106,11 @@ impl Default for ServerConfig {
             shutdown_delay_secs: 0,
             enable_quit_endpoint: false,
             header_read_timeout_secs: 30,
+            connection_idle_timeout_secs: 75,
+            body_read_timeout_secs: 30,
+            max_buffered_bytes: 64 * 1024 * 1024,
             max_connections: 4096,
+            admin_max_connections: 64,
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             max_inflight: None,
@@ -266,18 +286,48 @@ pub struct CredentialConfig {
     pub client_secret_file: Option<PathBuf>,
 }
 
-/// Limits on what callers may ask for (keys handed to untrusted callers need limits). Applies to
-/// JSON bodies of chat completions, completions, responses and embeddings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// Limits on what callers may ask for (keys handed to untrusted callers need limits). Once any
+/// limit is set the policy fails closed: only `allowed_endpoints` are forwarded, and their JSON
+/// bodies are read and checked.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// Exact model names or globs (`*`, `?`); empty allows every model. Others get 403.
     pub allowed_models: Vec<String>,
+    /// With a limit set, the endpoints forwarded at all (labels as in `sidekey_requests_total`:
+    /// chat_completions, completions, embeddings, responses, models, audio, images, files,
+    /// other). Others get 403 naming the endpoint.
+    pub allowed_endpoints: Vec<String>,
     /// Cap on `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
     pub max_tokens: Option<u64>,
     pub max_tokens_mode: MaxTokensMode,
-    /// Add the cap to requests that set no limit.
+    /// Add the cap to requests that set no limit (on by default: an uncapped request would
+    /// escape the cap).
     pub set_max_tokens_when_missing: bool,
+    /// Cap on `n` and `best_of` (choices multiply the tokens). Unset: 1 when `max_tokens` is
+    /// set, else no cap.
+    pub max_choices: Option<u64>,
+    /// Largest body the policy reads (413 above it); chat requests are small.
+    pub max_body_bytes: u64,
+}
+
+/// The endpoints a policy forwards unless `policy.allowed_endpoints` says otherwise: those that
+/// report usage, and the model list.
+pub const DEFAULT_POLICY_ENDPOINTS: [&str; 5] =
+    ["chat_completions", "completions", "embeddings", "responses", "models"];
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            allowed_models: Vec::new(),
+            allowed_endpoints: DEFAULT_POLICY_ENDPOINTS.iter().map(|e| e.to_string()).collect(),
+            max_tokens: None,
+            max_tokens_mode: MaxTokensMode::Reject,
+            set_max_tokens_when_missing: true,
+            max_choices: None,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
 }
 
 /// What to do with a request over `policy.max_tokens`.
@@ -438,6 +488,8 @@ impl Config {
         self.validate_upstream()?;
         self.validate_auth()?;
         self.validate_credentials()?;
+        self.validate_policy()?;
+        self.validate_ranges()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
         Ok(())
@@ -592,10 +644,102 @@ impl Config {
         Ok(())
     }
 
+    fn validate_policy(&self) -> Result<(), ConfigError> {
+        let p = &self.policy;
+        for (i, name) in p.allowed_endpoints.iter().enumerate() {
+            if crate::proxy::path::Endpoint::from_label(name).is_none() {
+                let known: Vec<&str> = crate::proxy::path::Endpoint::ALL.iter().map(|e| e.as_str()).collect();
+                return Err(ConfigError::invalid(
+                    format!("policy.allowed_endpoints[{i}]"),
+                    format!("unknown endpoint {name:?} (known: {})", known.join(", ")),
+                ));
+            }
+        }
+        if p.max_choices == Some(0) {
+            return Err(ConfigError::invalid("policy.max_choices", "must be at least 1 (or unset)"));
+        }
+        positive("policy.max_body_bytes", p.max_body_bytes)?;
+        if p.max_body_bytes > self.server.max_request_body_bytes {
+            return Err(ConfigError::invalid(
+                "policy.max_body_bytes",
+                "must not exceed server.max_request_body_bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Upper bounds, so no configured value can overflow an `Instant` or a semaphore at run time.
+    fn validate_ranges(&self) -> Result<(), ConfigError> {
+        let (s, u, a) = (&self.server, &self.upstream, &self.auth);
+        let secs = [
+            ("server.shutdown_grace_secs", s.shutdown_grace_secs),
+            ("server.shutdown_delay_secs", s.shutdown_delay_secs),
+            ("server.header_read_timeout_secs", s.header_read_timeout_secs),
+            ("server.connection_idle_timeout_secs", s.connection_idle_timeout_secs),
+            ("server.body_read_timeout_secs", s.body_read_timeout_secs),
+            ("upstream.connect_timeout_secs", u.connect_timeout_secs),
+            ("upstream.idle_timeout_secs", u.idle_timeout_secs),
+            ("upstream.request_timeout_secs", u.request_timeout_secs.unwrap_or(0)),
+            ("upstream.pool_idle_timeout_secs", u.pool_idle_timeout_secs),
+        ];
+        for (key, value) in secs {
+            at_most(key, value, MAX_DURATION_SECS, "seconds (one year)")?;
+        }
+        at_most("server.queue_timeout_ms", s.queue_timeout_ms, MAX_DURATION_SECS * 1000, "ms (one year)")?;
+        validate_auth_ranges("auth", a)?;
+        let counts = [
+            ("server.max_connections", s.max_connections as u64, MAX_COUNT),
+            ("server.admin_max_connections", s.admin_max_connections as u64, MAX_COUNT),
+            ("server.max_inflight", s.max_inflight.unwrap_or(0) as u64, MAX_COUNT),
+            ("server.worker_threads", s.worker_threads.unwrap_or(0) as u64, 1024),
+            ("server.max_headers", s.max_headers as u64, 10_000),
+            ("server.max_header_bytes", s.max_header_bytes as u64, 16 * 1024 * 1024),
+            ("metrics.max_models", self.metrics.max_models as u64, 10_000),
+        ];
+        for (key, value, max) in counts {
+            at_most(key, value, max, "")?;
+        }
+        Ok(())
+    }
+
     /// The config as TOML with every secret replaced by `[redacted]`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// The longest configurable duration: far beyond any sensible setting, far below an overflow.
+pub const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
+/// The largest configurable connection or request count.
+const MAX_COUNT: u64 = 1_000_000;
+
+fn at_most(key: &str, value: u64, max: u64, unit: &str) -> Result<(), ConfigError> {
+    if value > max {
+        let unit = if unit.is_empty() { String::new() } else { format!(" {unit}") };
+        return Err(ConfigError::invalid(key, format!("{value} is too large (at most {max}{unit})")));
+    }
+    Ok(())
+}
+
+/// Range checks for one `[auth]`-shaped section (`prefix` is its key, e.g. `auth`).
+fn validate_auth_ranges(prefix: &str, a: &AuthConfig) -> Result<(), ConfigError> {
+    let secs = [
+        ("refresh_before_secs", a.refresh_before_secs),
+        ("expiry_margin_secs", a.expiry_margin_secs),
+        ("connect_timeout_secs", a.connect_timeout_secs),
+        ("timeout_secs", a.timeout_secs),
+        ("failback_after_secs", a.failback_after_secs),
+        ("min_forced_refresh_interval_secs", a.min_forced_refresh_interval_secs),
+        ("forced_refresh_timeout_secs", a.forced_refresh_timeout_secs),
+        ("credential_poll_secs", a.credential_poll_secs),
+    ];
+    for (key, value) in secs {
+        at_most(&format!("{prefix}.{key}"), value, MAX_DURATION_SECS, "seconds (one year)")?;
+    }
+    for (key, value) in [("backoff_initial_ms", a.backoff_initial_ms), ("backoff_max_ms", a.backoff_max_ms)] {
+        at_most(&format!("{prefix}.{key}"), value, MAX_DURATION_SECS * 1000, "ms (one year)")?;
+    }
+    Ok(())
 }
 
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
@@ -624,21 +768,55 @@ fn one_source(
     }
 }
 
-/// Parses an absolute `http`/`https` URL without query or fragment.
+/// Parses an absolute `http`/`https` URL without userinfo, query or fragment. Errors quote the
+/// URL with its userinfo, query and fragment redacted: they may hold a credential.
 pub fn parse_base_url(key: &str, value: &str) -> Result<Uri, ConfigError> {
-    let uri: Uri =
-        value.parse().map_err(|e| ConfigError::invalid(key, format!("{value:?} is not a URL: {e}")))?;
+    let shown = redact_url(value);
+    let uri: Uri = value.parse().map_err(|_| ConfigError::invalid(key, format!("{shown:?} is not a URL")))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err(ConfigError::invalid(key, format!("{value:?} must start with http:// or https://"))),
+        _ => return Err(ConfigError::invalid(key, format!("{shown:?} must start with http:// or https://"))),
     }
-    if uri.authority().is_none() {
-        return Err(ConfigError::invalid(key, format!("{value:?} has no host")));
+    let Some(authority) = uri.authority() else {
+        return Err(ConfigError::invalid(key, format!("{shown:?} has no host")));
+    };
+    if authority.as_str().contains('@') {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{shown:?} must not carry user info (put credentials in [auth], never in a URL)"),
+        ));
     }
     if uri.query().is_some() || value.contains('#') {
-        return Err(ConfigError::invalid(key, format!("{value:?} must not have a query or fragment")));
+        return Err(ConfigError::invalid(key, format!("{shown:?} must not have a query or fragment")));
     }
     Ok(uri)
+}
+
+/// A URL for error messages: userinfo, query and fragment replaced by `[redacted]`.
+pub fn redact_url(value: &str) -> String {
+    let redacted = crate::secret::REDACTED;
+    let (head, had_tail) = match value.find(['?', '#']) {
+        Some(i) => (&value[..i], true),
+        None => (value, false),
+    };
+    let mut out = match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find('/').unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}://{redacted}@{}", &rest[at + 1..]),
+                None => head.to_string(),
+            }
+        }
+        None => match head.rfind('@') {
+            Some(at) => format!("{redacted}@{}", &head[at + 1..]),
+            None => head.to_string(),
+        },
+    };
+    if had_tail {
+        out.push_str(if value[head.len()..].starts_with('?') { "?" } else { "#" });
+        out.push_str(redacted);
+    }
+    out
 }
 
 /// Turns a figment error into one line naming the key and the source, without echoing a value
@@ -752,6 +930,50 @@ mod tests {
         c.auth.credentials.push(c.auth.credentials[0].clone());
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("auth.credentials[1].name"), "{err}");
+    }
+
+    #[test]
+    fn url_errors_redact_userinfo_and_query() {
+        for (url, leaked) in [
+            ("http://user:p4ssw0rd@host/v1", "p4ssw0rd"),
+            ("https://host/v1?api_key=SEKRIT123", "SEKRIT123"),
+            ("ftp://user:p4ssw0rd@host/v1?k=SEKRIT123", "SEKRIT123"),
+            ("not a url?key=SEKRIT123", "SEKRIT123"),
+            ("https://host/v1#frag=SEKRIT123", "SEKRIT123"),
+            ("user:p4ssw0rd@host", "p4ssw0rd"),
+        ] {
+            let err = parse_base_url("upstream.base_url", url).unwrap_err().to_string();
+            assert!(!err.contains(leaked), "{err}");
+            assert!(err.contains("upstream.base_url"), "{err}");
+        }
+        assert_eq!(redact_url("http://u:p@h:1/x?y"), "http://[redacted]@h:1/x?[redacted]");
+        assert_eq!(redact_url("http://h/x"), "http://h/x");
+    }
+
+    #[test]
+    fn huge_values_are_refused_by_name() {
+        let cases: [(&str, fn(&mut Config)); 6] = [
+            ("upstream.idle_timeout_secs", |c| c.upstream.idle_timeout_secs = u64::MAX),
+            ("auth.forced_refresh_timeout_secs", |c| c.auth.forced_refresh_timeout_secs = u64::MAX - 1),
+            ("server.max_inflight", |c| c.server.max_inflight = Some(usize::MAX)),
+            ("server.max_connections", |c| c.server.max_connections = usize::MAX),
+            ("server.queue_timeout_ms", |c| c.server.queue_timeout_ms = u64::MAX),
+            ("auth.backoff_max_ms", |c| c.auth.backoff_max_ms = u64::MAX),
+        ];
+        for (key, set) in cases {
+            let mut c = with_credential();
+            set(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn policy_endpoints_must_be_known() {
+        let mut c = with_credential();
+        c.policy.allowed_endpoints.push("batches".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("policy.allowed_endpoints[5]") && err.contains("batches"), "{err}");
     }
 
     #[test]

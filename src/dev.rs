@@ -83,6 +83,7 @@ impl DemoServers {
             name,
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             grace: Duration::from_secs(1),

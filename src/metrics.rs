@@ -49,6 +49,10 @@ pub struct Inner {
     pub usage_malformed_total: IntCounter,
     pub policy_rejections_total: IntCounterVec,
     pub policy_rewrites_total: IntCounter,
+    /// Times `server.max_buffered_bytes` was spent, by what wanted the bytes.
+    pub buffer_exhausted_total: IntCounterVec,
+    /// Request-body bytes held in memory now (policy reads and replay copies).
+    pub buffered_request_bytes: IntGauge,
     /// Bounds the `model` label (`metrics.max_models`).
     pub model_labels: ModelLabels,
 }
@@ -219,6 +223,29 @@ impl Metrics {
                 "Request bodies rewritten by the policy (max_tokens clamped or set, stream usage requested).",
             ),
         );
+        let buffer_exhausted_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "sidekey_buffer_exhausted_total",
+                    "Request bodies that found server.max_buffered_bytes spent: policy reads answered 503, uploads sent without a replay copy.",
+                ),
+                &["use"],
+            ),
+        );
+        for use_ in ["policy", "replay"] {
+            buffer_exhausted_total.with_label_values(&[use_]);
+        }
+        let buffered_request_bytes = register(
+            r,
+            IntGauge::new(
+                "sidekey_buffered_request_bytes",
+                "Request-body bytes held in memory (policy reads and 401-replay copies).",
+            ),
+        );
+        for reason in crate::proxy::inspect::PolicyError::REASONS {
+            policy_rejections_total.with_label_values(&[reason]);
+        }
         let build_info =
             register(r, IntGaugeVec::new(Opts::new("sidekey_build_info", "Always 1."), &["version"]));
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -262,6 +289,8 @@ impl Metrics {
             usage_malformed_total,
             policy_rejections_total,
             policy_rewrites_total,
+            buffer_exhausted_total,
+            buffered_request_bytes,
             model_labels: ModelLabels::new(max_models),
         }))
     }

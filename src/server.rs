@@ -1,10 +1,12 @@
 //! The accept loop shared by the proxy and admin listeners: HTTP/1.1 and h2c, a connection
 //! limit, header limits and timeouts, and a graceful drain with a deadline.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -12,11 +14,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::body::BoxError;
@@ -26,8 +28,14 @@ use crate::proxy::body::BoxError;
 pub struct ServeSettings {
     /// Used in logs: "proxy" or "admin".
     pub name: &'static str,
+    /// Open connections at most. At the limit the oldest connection with no request in flight
+    /// is closed to make room for a new one.
     pub max_connections: usize,
+    /// From accept to the first complete request (whatever the protocol), and for each later
+    /// HTTP/1 request head.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
     pub max_headers: usize,
     pub max_header_bytes: usize,
     /// How long in-flight requests may run once `stop` fires; the rest are cut.
@@ -79,19 +87,12 @@ pub async fn serve_on<H, Fut, B>(
         // Dead HTTP/2 peers are noticed and their connection slots freed.
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let graceful = GracefulShutdown::new();
+    let table = Arc::new(ConnTable::default());
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let mut conns = JoinSet::new();
     let mut next = 0usize;
 
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            permit = Arc::clone(&limit).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -105,6 +106,26 @@ pub async fn serve_on<H, Fut, B>(
             },
         };
         while conns.try_join_next().is_some() {}
+        let permit = match Arc::clone(&limit).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // At the limit: make room by closing the oldest connection that is doing
+                // nothing (a silent socket, or an idle keep-alive), else wait for one to end.
+                if table.evict_oldest_idle() {
+                    tracing::debug!(
+                        listener = settings.name,
+                        "At the connection limit; closed the oldest idle connection"
+                    );
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    permit = Arc::clone(&limit).acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         let Some((handle, handler)) = workers.get(next % workers.len().max(1)) else { break };
         next = next.wrapping_add(1);
         // Moved to the worker's own reactor, so its I/O never wakes this thread.
@@ -115,23 +136,35 @@ pub async fn serve_on<H, Fut, B>(
                 continue;
             }
         };
-        let (handler, builder, watcher, name) =
-            (handler.clone(), builder.clone(), graceful.watcher(), settings.name);
+        let state = table.register();
+        let (handler, builder, stop, table, name) =
+            (handler.clone(), builder.clone(), stop.clone(), Arc::clone(&table), settings.name);
+        let (first_request, idle) = (settings.header_read_timeout, settings.idle_timeout);
         conns.spawn_on(
             async move {
                 let stream = match TcpStream::from_std(stream) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(listener = name, error = %e, "Cannot register a connection");
+                        table.remove(&state);
                         return;
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = service_fn(move |req| handler(req, peer));
+                let tracked = Arc::clone(&state);
+                let service = service_fn(move |req| {
+                    let request = Tracked::begin(&tracked);
+                    let fut = handler(req, peer);
+                    async move {
+                        let resp = fut.await?;
+                        Ok::<_, Infallible>(resp.map(|body| TrackedBody { body, _request: request }))
+                    }
+                });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                if let Err(e) = watcher.watch(conn).await {
+                if let Err(e) = watch(conn, &state, &stop, first_request, idle).await {
                     tracing::debug!(listener = name, error = %e, "Connection ended with an error");
                 }
+                table.remove(&state);
                 drop(permit);
             },
             handle,
@@ -147,11 +180,204 @@ pub async fn serve_on<H, Fut, B>(
             "Draining connections"
         );
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(settings.grace) => {
-            tracing::warn!(listener = settings.name, connections = conns.len(), "Grace period over; cutting the remaining connections");
-        }
+    let drained = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(settings.grace, drained).await.is_err() {
+        tracing::warn!(
+            listener = settings.name,
+            connections = conns.len(),
+            "Grace period over; cutting the remaining connections"
+        );
     }
     conns.shutdown().await;
+}
+
+/// Drives one connection: closes it if no request arrives within `first_request`, when it has
+/// had no request in flight for `idle`, when the table evicts it, or gracefully on `stop`.
+async fn watch<C>(
+    conn: C,
+    state: &ConnState,
+    stop: &CancellationToken,
+    first_request: Duration,
+    idle: Duration,
+) -> Result<(), BoxError>
+where
+    C: Future<Output = Result<(), BoxError>> + GracefulConnection,
+{
+    let mut conn = std::pin::pin!(conn);
+    let born = state.born;
+    let timer = tokio::time::sleep(first_request.min(idle));
+    let mut timer = std::pin::pin!(timer);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = stop.cancelled(), if !closing => {
+                conn.as_mut().shutdown_gracefully();
+                closing = true;
+            }
+            _ = state.evict.notified(), if !closing => {
+                if state.active.load(Ordering::Acquire) == 0 {
+                    return Ok(());
+                }
+            }
+            _ = timer.as_mut(), if !closing => {
+                let now = Instant::now();
+                if state.requests.load(Ordering::Acquire) == 0 {
+                    if now >= born + first_request {
+                        // Silent since accept (or only an HTTP/2 preface): free the slot.
+                        return Ok(());
+                    }
+                    timer.as_mut().reset(born + first_request);
+                    continue;
+                }
+                if state.active.load(Ordering::Acquire) > 0 {
+                    timer.as_mut().reset(now + idle);
+                    continue;
+                }
+                let idle_since = born + Duration::from_millis(state.idle_since_ms.load(Ordering::Acquire));
+                let close_at = idle_since + idle;
+                if now >= close_at {
+                    conn.as_mut().shutdown_gracefully();
+                    closing = true;
+                } else {
+                    timer.as_mut().reset(close_at);
+                }
+            }
+        }
+    }
+}
+
+/// The one method [`watch`] needs from hyper-util's connection types.
+trait GracefulConnection {
+    fn shutdown_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E, B> GracefulConnection for auto::Connection<'static, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn shutdown_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+/// Every open connection of a listener, in accept order, so the oldest idle one can be closed
+/// when the listener is full. Locked at accept and close only, never per request.
+#[derive(Debug, Default)]
+struct ConnTable {
+    conns: Mutex<BTreeMap<u64, Arc<ConnState>>>,
+    next_id: AtomicU64,
+}
+
+impl ConnTable {
+    fn register(&self) -> Arc<ConnState> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnState {
+            id,
+            born: Instant::now(),
+            active: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        self.lock().insert(id, Arc::clone(&state));
+        state
+    }
+
+    fn remove(&self, state: &ConnState) {
+        self.lock().remove(&state.id);
+    }
+
+    /// Asks the oldest connection without a request in flight to close. False if there is none.
+    fn evict_oldest_idle(&self) -> bool {
+        let conns = self.lock();
+        let victim = conns
+            .values()
+            .find(|c| c.active.load(Ordering::Acquire) == 0 && !c.evicted.swap(true, Ordering::AcqRel));
+        match victim {
+            Some(c) => {
+                c.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<ConnState>>> {
+        // A panic while holding this lock leaves a consistent map: recover it.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the listener knows about one connection.
+#[derive(Debug)]
+struct ConnState {
+    id: u64,
+    born: Instant,
+    /// Requests whose response has not finished.
+    active: AtomicUsize,
+    /// Requests seen so far.
+    requests: AtomicU64,
+    /// When `active` last fell to 0, in ms since the connection was accepted.
+    idle_since_ms: AtomicU64,
+    evicted: AtomicBool,
+    evict: Notify,
+}
+
+/// One request in flight on a connection, until its response body is dropped.
+struct Tracked {
+    state: Arc<ConnState>,
+}
+
+impl Tracked {
+    fn begin(state: &Arc<ConnState>) -> Self {
+        state.requests.fetch_add(1, Ordering::AcqRel);
+        state.active.fetch_add(1, Ordering::AcqRel);
+        Self { state: Arc::clone(state) }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let state = &*self.state;
+        // Written before the count falls, so a watcher that sees 0 also sees when it fell.
+        let ms = u64::try_from(state.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        state.idle_since_ms.store(ms, Ordering::Release);
+        state.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it ends.
+    struct TrackedBody<B> {
+        #[pin]
+        body: B,
+        _request: Tracked,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }

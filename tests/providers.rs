@@ -35,6 +35,7 @@ async fn fake_oauth2(
         name: "fake-oauth2",
         max_connections: 100,
         header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(75),
         max_headers: 100,
         max_header_bytes: 65536,
         grace: Duration::from_millis(100),

@@ -13,6 +13,7 @@ fuzz_target!(|data: &[u8]| {
             max_tokens: Some(100),
             max_tokens_mode: MaxTokensMode::Clamp,
             set_max_tokens_when_missing: true,
+            ..Default::default()
         },
         true,
     );

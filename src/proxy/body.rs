@@ -19,8 +19,9 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use super::budget::{ByteBudget, Reservation};
 use super::path::Endpoint;
-use super::usage::UsageScanner;
+use super::usage::{ModelSniffer, UsageScanner};
 use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -34,21 +35,44 @@ pub enum BodyError {
     Idle(Duration),
     #[error("request exceeded upstream.request_timeout_secs")]
     Deadline,
+    #[error("the client sent no request body data for {0:?}")]
+    Stalled(Duration),
 }
 
 /// What the request body tells the handler after the fact.
 #[derive(Debug, Default)]
 pub struct BodyShared {
-    /// The whole body, set once it has been read to the end within the replay capacity.
-    complete: OnceLock<Vec<Bytes>>,
+    /// The whole body, set once it has been read to the end within the replay capacity, and
+    /// the share of `server.max_buffered_bytes` it holds.
+    complete: OnceLock<(Vec<Bytes>, Option<Reservation>)>,
     too_large: AtomicBool,
     client_failed: AtomicBool,
+    stalled: AtomicBool,
+    /// The replay copy was given up because `server.max_buffered_bytes` was spent.
+    over_budget: AtomicBool,
+    /// The `model` the JSON body names, found while it streamed up.
+    model: OnceLock<String>,
 }
 
 impl BodyShared {
     /// The full body for a replay, if it was captured.
     pub fn replayable(&self) -> Option<Vec<Bytes>> {
-        self.complete.get().cloned()
+        self.complete.get().map(|(chunks, _)| chunks.clone())
+    }
+
+    /// True if the client stopped sending its body for `server.body_read_timeout_secs`.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
+    }
+
+    /// True if the replay copy was given up for lack of buffer budget.
+    pub fn over_budget(&self) -> bool {
+        self.over_budget.load(Ordering::Relaxed)
+    }
+
+    /// The model the request body names, if it was looked for and found.
+    pub fn model(&self) -> Option<&str> {
+        self.model.get().map(String::as_str)
     }
 
     /// True if reading the body from the client failed (it went away, or sent a bad body).
@@ -63,8 +87,9 @@ impl BodyShared {
 }
 
 pin_project! {
-    /// The client's request body as sent upstream: counted against the limit, and copied for a
-    /// possible replay while it fits.
+    /// The client's request body as sent upstream: counted against the limit, cut if it
+    /// stalls, and copied for a possible replay while it fits (in the replay capacity and in
+    /// the process-wide buffer budget).
     pub struct RequestBody {
         #[pin]
         inner: Incoming,
@@ -72,6 +97,11 @@ pin_project! {
         seen: u64,
         replay: Option<Replay>,
         shared: Arc<BodyShared>,
+        stall: Duration,
+        // Armed only while the client keeps us waiting, so bodiless requests never arm it.
+        timer: Option<Pin<Box<Sleep>>>,
+        waiting: bool,
+        sniffer: Option<ModelSniffer>,
     }
 }
 
@@ -79,19 +109,42 @@ struct Replay {
     chunks: Vec<Bytes>,
     size: u64,
     capacity: u64,
+    reservation: Reservation,
+}
+
+/// How a request body is sent upstream.
+#[derive(Debug)]
+pub struct RequestBodySettings {
+    /// `server.max_request_body_bytes`.
+    pub limit: u64,
+    /// Keep a replay copy up to this many bytes (`None`: no copy).
+    pub replay_capacity: Option<u64>,
+    /// Where the replay copy's bytes are reserved.
+    pub budget: ByteBudget,
+    /// `server.body_read_timeout_secs`.
+    pub stall: Duration,
+    /// Look for the `model` the body names.
+    pub sniff_model: bool,
 }
 
 impl RequestBody {
-    /// `replay_capacity` of `None` keeps no copy.
-    pub fn new(inner: Incoming, limit: u64, replay_capacity: Option<u64>, shared: Arc<BodyShared>) -> Self {
-        let mut replay = replay_capacity.map(|capacity| Replay { chunks: Vec::new(), size: 0, capacity });
+    pub fn new(inner: Incoming, settings: RequestBodySettings, shared: Arc<BodyShared>) -> Self {
+        let RequestBodySettings { limit, replay_capacity, budget, stall, sniff_model } = settings;
+        let mut replay = replay_capacity.map(|capacity| Replay {
+            chunks: Vec::new(),
+            size: 0,
+            capacity,
+            reservation: budget.reservation(),
+        });
+        let mut sniffer = sniff_model.then(ModelSniffer::new);
         if inner.is_end_stream() {
             // No body at all (GET): the client may never poll it, so it is complete already.
             if replay.take().is_some() {
-                let _ = shared.complete.set(Vec::new());
+                let _ = shared.complete.set((Vec::new(), None));
             }
+            sniffer = None;
         }
-        Self { inner, limit, seen: 0, replay, shared }
+        Self { inner, limit, seen: 0, replay, shared, stall, timer: None, waiting: false, sniffer }
     }
 }
 
@@ -104,7 +157,29 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        match ready!(this.inner.as_mut().poll_frame(cx)) {
+        let polled = match this.inner.as_mut().poll_frame(cx) {
+            Poll::Pending => {
+                // The clock runs from when the client started keeping us waiting.
+                let stall = *this.stall;
+                let timer = match this.timer {
+                    Some(timer) => {
+                        if !*this.waiting {
+                            timer.as_mut().reset(deadline_after(Instant::now(), stall));
+                        }
+                        timer
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(stall))),
+                };
+                *this.waiting = true;
+                ready!(timer.as_mut().poll(cx));
+                *this.replay = None;
+                this.shared.stalled.store(true, Ordering::Release);
+                return Poll::Ready(Some(Err(BodyError::Stalled(stall).into())));
+            }
+            Poll::Ready(polled) => polled,
+        };
+        *this.waiting = false;
+        match polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
@@ -115,10 +190,24 @@ impl Body for RequestBody {
                     }
                     if let Some(r) = this.replay.as_mut() {
                         r.size += data.len() as u64;
+                        // Over the capacity or the shared budget: no replay for this one.
                         if r.size > r.capacity {
                             *this.replay = None;
+                        } else if !r.reservation.grow(data.len() as u64) {
+                            *this.replay = None;
+                            this.shared.over_budget.store(true, Ordering::Relaxed);
                         } else {
-                            r.chunks.push(data.clone());
+                            // A copy of exactly these bytes: a slice would keep the whole read
+                            // buffer it came from alive, beyond what the budget counts.
+                            r.chunks.push(Bytes::copy_from_slice(data));
+                        }
+                    }
+                    if let Some(sniffer) = this.sniffer.as_mut() {
+                        sniffer.feed(data);
+                        if sniffer.done() {
+                            if let Some(model) = this.sniffer.take().and_then(ModelSniffer::finish) {
+                                let _ = this.shared.model.set(model);
+                            }
                         }
                     }
                 } else {
@@ -153,8 +242,15 @@ impl Body for RequestBody {
 
 fn finish(replay: &mut Option<Replay>, shared: &BodyShared) {
     if let Some(r) = replay.take() {
-        let _ = shared.complete.set(r.chunks);
+        let _ = shared.complete.set((r.chunks, Some(r.reservation)));
     }
+}
+
+/// `now + d`, saturating far in the future instead of overflowing.
+pub fn deadline_after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(crate::config::MAX_DURATION_SECS)))
+        .unwrap_or(now)
 }
 
 /// A captured body sent again.
@@ -247,6 +343,8 @@ pub struct RequestGuard {
     usage: Option<UsageScanner>,
     /// The model the request named, for responses that do not say.
     request_model: Option<String>,
+    /// Where the request body's own `model` lands when it was sniffed while streaming.
+    body: Option<Arc<BodyShared>>,
 }
 
 /// Fields of the access log line, collected only when `log.access = true`.
@@ -270,7 +368,22 @@ impl RequestGuard {
         access: Option<Box<AccessInfo>>,
     ) -> Self {
         metrics.inflight_requests.inc();
-        Self { metrics, endpoint, start, bytes_out: 0, access, slot: None, usage: None, request_model: None }
+        Self {
+            metrics,
+            endpoint,
+            start,
+            bytes_out: 0,
+            access,
+            slot: None,
+            usage: None,
+            request_model: None,
+            body: None,
+        }
+    }
+
+    /// The request body whose sniffed `model` serves when the response names none.
+    pub fn watch_body(&mut self, body: Arc<BodyShared>) {
+        self.body = Some(body);
     }
 
     /// Scans the response body for token usage.
@@ -304,7 +417,8 @@ impl Drop for RequestGuard {
         let elapsed = self.start.elapsed();
         self.metrics.inflight_requests.dec();
         if let Some(scanner) = self.usage.take() {
-            self.metrics.record_usage(&scanner.finish(), self.request_model.as_deref());
+            let sniffed = self.body.as_deref().and_then(BodyShared::model);
+            self.metrics.record_usage(&scanner.finish(), self.request_model.as_deref().or(sniffed));
         }
         self.metrics.request_duration(self.endpoint).observe(elapsed.as_secs_f64());
         if let Some(a) = &self.access {
@@ -378,7 +492,7 @@ impl From<Bytes> for ResponseBody {
 }
 
 fn next_timer(now: Instant, idle: Duration, deadline: Option<Instant>) -> Instant {
-    let idle_at = now + idle;
+    let idle_at = deadline_after(now, idle);
     match deadline {
         Some(d) => d.min(idle_at),
         None => idle_at,

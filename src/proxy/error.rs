@@ -14,12 +14,20 @@ pub enum ProxyError {
         "no route: sidekey serves the OpenAI API under /v1; set your SDK's base_url to http://{listen}/v1"
     )]
     NotFound { listen: String },
-    #[error("invalid path: dot segments and encoded slashes are not allowed")]
+    #[error("invalid path: dot segments (literal, encoded or look-alike) are not allowed")]
     BadPath,
+    #[error("method {0} is not allowed")]
+    MethodNotAllowed(http::Method),
     #[error("sidekey is not a forward proxy: absolute-form URIs and CONNECT are refused")]
     NotAProxy,
-    #[error("request body exceeds the limit of {limit} bytes (server.max_request_body_bytes)")]
-    PayloadTooLarge { limit: u64 },
+    #[error("request body exceeds the limit of {limit} bytes ({key})")]
+    PayloadTooLarge { limit: u64, key: &'static str },
+    #[error("the request body stalled: nothing arrived for {0:?} (server.body_read_timeout_secs)")]
+    BodyTimeout(Duration),
+    #[error(
+        "sidekey is holding too many request bodies in memory (server.max_buffered_bytes); retry shortly"
+    )]
+    BufferFull,
     #[error("{message}")]
     NoToken { message: String, retry_after_secs: u64 },
     #[error("too many requests in flight (server.max_inflight = {limit}); waited {waited_ms} ms for a slot")]
@@ -48,12 +56,14 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BufferFull => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::Policy(e) if e.forbidden() => StatusCode::FORBIDDEN,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::ClientAborted => StatusCode::BAD_REQUEST,
-            ProxyError::Policy(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Policy(e) => e.status(),
             ProxyError::Unreachable(_) | ProxyError::BadUpstreamRequest(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -66,6 +76,9 @@ impl ProxyError {
             ProxyError::BadPath => "invalid_path",
             ProxyError::NotAProxy => "not_a_forward_proxy",
             ProxyError::PayloadTooLarge { .. } => "request_too_large",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::BodyTimeout(_) => "request_timeout",
+            ProxyError::BufferFull => "buffer_full",
             ProxyError::NoToken { .. } => "no_valid_token",
             ProxyError::Overloaded { .. } => "too_many_requests",
             ProxyError::Policy(e) => e.reason(),
@@ -104,7 +117,7 @@ impl ProxyError {
             ProxyError::NoToken { retry_after_secs, .. } => {
                 resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ProxyError::Overloaded { .. } => {
+            ProxyError::Overloaded { .. } | ProxyError::BufferFull => {
                 resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -130,7 +143,14 @@ mod tests {
     #[test]
     fn statuses() {
         assert_eq!(ProxyError::NotFound { listen: "x".into() }.status(), 404);
-        assert_eq!(ProxyError::PayloadTooLarge { limit: 1 }.status(), 413);
+        assert_eq!(ProxyError::PayloadTooLarge { limit: 1, key: "k" }.status(), 413);
+        assert_eq!(ProxyError::BodyTimeout(Duration::from_secs(1)).status(), 408);
+        assert_eq!(ProxyError::MethodNotAllowed(http::Method::TRACE).status(), 405);
+        let full: Response<Full<Bytes>> = ProxyError::BufferFull.to_response();
+        assert_eq!(
+            (full.status().as_u16(), &full.headers()[RETRY_AFTER]),
+            (503, &HeaderValue::from_static("1"))
+        );
         assert_eq!(ProxyError::Timeout(Duration::from_secs(1)).status(), 504);
         assert_eq!(ProxyError::NotAProxy.status(), 400);
     }

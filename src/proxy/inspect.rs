@@ -12,9 +12,13 @@ use crate::config::{MaxTokensMode, PolicyConfig};
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     allowed_models: Vec<Glob>,
+    /// Indexed by `Endpoint as usize`: forwarded while the policy enforces.
+    allowed_endpoints: [bool; Endpoint::ALL.len()],
     max_tokens: Option<u64>,
     mode: MaxTokensMode,
     set_when_missing: bool,
+    max_choices: Option<u64>,
+    max_body: u64,
     include_stream_usage: bool,
 }
 
@@ -36,10 +40,18 @@ pub enum PolicyError {
     ModelMissing,
     #[error("{field} = {value} exceeds the limit of {limit} (policy.max_tokens)")]
     MaxTokensExceeded { field: &'static str, value: u64, limit: u64 },
+    #[error("{field} = {value} exceeds the limit of {limit} (policy.max_choices)")]
+    ChoicesExceeded { field: &'static str, value: u64, limit: u64 },
     #[error("{0} must be a non-negative integer")]
     BadMaxTokens(&'static str),
     #[error("the request body is not a JSON object; the request policy needs one")]
     NotJson,
+    #[error("endpoint '{0}' is not allowed here (policy.allowed_endpoints)")]
+    EndpointNotAllowed(&'static str),
+    #[error("{method} is not allowed on '{endpoint}' while a request policy applies")]
+    MethodNotAllowed { method: http::Method, endpoint: &'static str },
+    #[error("path parameters (';') are refused while a request policy applies")]
+    PathParameters,
 }
 
 impl PolicyError {
@@ -48,13 +60,34 @@ impl PolicyError {
         match self {
             PolicyError::ModelNotAllowed(_) | PolicyError::ModelMissing => "model_not_allowed",
             PolicyError::MaxTokensExceeded { .. } => "max_tokens_exceeded",
+            PolicyError::ChoicesExceeded { .. } => "max_choices_exceeded",
             PolicyError::BadMaxTokens(_) | PolicyError::NotJson => "invalid_body",
+            PolicyError::EndpointNotAllowed(_) => "endpoint_not_allowed",
+            PolicyError::MethodNotAllowed { .. } => "method_not_allowed",
+            PolicyError::PathParameters => "path_parameters",
         }
     }
 
-    /// 403 for a model outside the allow-list, 400 for everything else.
-    pub fn forbidden(&self) -> bool {
-        matches!(self, PolicyError::ModelNotAllowed(_))
+    /// Every reason label, so the counters exist from the first scrape.
+    pub const REASONS: [&'static str; 7] = [
+        "model_not_allowed",
+        "max_tokens_exceeded",
+        "max_choices_exceeded",
+        "invalid_body",
+        "endpoint_not_allowed",
+        "method_not_allowed",
+        "path_parameters",
+    ];
+
+    /// The HTTP status: 403 for what the caller may not use, 405 for a method, 400 otherwise.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            PolicyError::ModelNotAllowed(_) | PolicyError::EndpointNotAllowed(_) => {
+                http::StatusCode::FORBIDDEN
+            }
+            PolicyError::MethodNotAllowed { .. } => http::StatusCode::METHOD_NOT_ALLOWED,
+            _ => http::StatusCode::BAD_REQUEST,
+        }
     }
 }
 
@@ -70,28 +103,67 @@ fn limit_fields(endpoint: Endpoint) -> &'static [&'static str] {
 
 impl Policy {
     pub fn new(policy: &PolicyConfig, include_stream_usage: bool) -> Self {
+        let mut allowed_endpoints = [false; Endpoint::ALL.len()];
+        for endpoint in policy.allowed_endpoints.iter().filter_map(|e| Endpoint::from_label(e)) {
+            allowed_endpoints[endpoint as usize] = true;
+        }
         Self {
             allowed_models: policy.allowed_models.iter().map(|p| Glob(p.clone())).collect(),
+            allowed_endpoints,
             max_tokens: policy.max_tokens,
             mode: policy.max_tokens_mode,
             set_when_missing: policy.set_max_tokens_when_missing,
+            // Choices multiply the tokens: with a token cap, one choice unless said otherwise.
+            max_choices: policy.max_choices.or(policy.max_tokens.map(|_| 1)),
+            max_body: policy.max_body_bytes,
             include_stream_usage,
         }
     }
 
-    /// True if a rule can refuse or rewrite: then every covered body is read, whatever its
-    /// `Content-Type` claims, and one that is not JSON is refused.
+    /// True if a rule can refuse or rewrite: then the policy fails closed (only allowed
+    /// endpoints are forwarded, every covered body is read whatever its `Content-Type` claims,
+    /// and one that is not JSON is refused).
     pub fn enforces(&self) -> bool {
-        !self.allowed_models.is_empty() || self.max_tokens.is_some()
+        !self.allowed_models.is_empty() || self.max_tokens.is_some() || self.max_choices.is_some()
+    }
+
+    /// The largest body the policy reads (`policy.max_body_bytes`).
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+
+    /// Whether a request may be forwarded at all, judged from its method, endpoint and raw
+    /// path, before its body is read.
+    pub fn admit(&self, method: &http::Method, endpoint: Endpoint, path: &str) -> Result<(), PolicyError> {
+        if !self.enforces() {
+            return Ok(());
+        }
+        if !self.allowed_endpoints[endpoint as usize] {
+            return Err(PolicyError::EndpointNotAllowed(endpoint.as_str()));
+        }
+        // Upstreams that drop `;params` would see another endpoint than the one judged here.
+        let lower_has_semicolon = || path.to_ascii_lowercase().contains("%3b");
+        if path.contains(';') || (path.contains('%') && lower_has_semicolon()) {
+            return Err(PolicyError::PathParameters);
+        }
+        if matches!(*method, http::Method::PUT | http::Method::PATCH) && self.reads_body(endpoint) {
+            return Err(PolicyError::MethodNotAllowed {
+                method: method.clone(),
+                endpoint: endpoint.as_str(),
+            });
+        }
+        Ok(())
+    }
+
+    /// True if POST bodies to `endpoint` are read and checked while the policy enforces: every
+    /// allowed endpoint but the model list and file uploads, which carry no model.
+    fn reads_body(&self, endpoint: Endpoint) -> bool {
+        !matches!(endpoint, Endpoint::Models | Endpoint::Files)
     }
 
     /// True if requests to `endpoint` need their body read.
     pub fn applies(&self, endpoint: Endpoint) -> bool {
-        let model_endpoint = matches!(
-            endpoint,
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses | Endpoint::Embeddings
-        );
-        (model_endpoint && self.enforces())
+        (self.enforces() && self.reads_body(endpoint))
             || (endpoint == Endpoint::ChatCompletions && self.include_stream_usage)
     }
 
@@ -113,6 +185,15 @@ impl Policy {
             }
         }
         let mut changed = false;
+        if let Some(limit) = self.max_choices {
+            for field in ["n", "best_of"] {
+                let Some(value) = json.get(field).filter(|v| !v.is_null()) else { continue };
+                let n = value.as_u64().ok_or(PolicyError::BadMaxTokens(field))?;
+                if n > limit {
+                    return Err(PolicyError::ChoicesExceeded { field, value: n, limit });
+                }
+            }
+        }
         if let Some(limit) = self.max_tokens {
             let fields = limit_fields(endpoint);
             let mut present = false;
@@ -206,9 +287,61 @@ mod tests {
                 max_tokens: max,
                 max_tokens_mode: mode,
                 set_max_tokens_when_missing: set,
+                ..Default::default()
             },
             usage,
         )
+    }
+
+    #[test]
+    fn an_enforcing_policy_fails_closed() {
+        let p = policy(&["GigaChat/*"], Some(100), MaxTokensMode::Reject, true, false);
+        let post = http::Method::POST;
+        for e in [Endpoint::Images, Endpoint::Audio, Endpoint::Files, Endpoint::Other] {
+            assert_eq!(p.admit(&post, e, "/v1/x").unwrap_err(), PolicyError::EndpointNotAllowed(e.as_str()));
+        }
+        assert_eq!(p.admit(&post, Endpoint::Other, "/v1/batches").unwrap_err().status(), 403);
+        assert!(p.admit(&http::Method::GET, Endpoint::Models, "/v1/models").is_ok());
+        assert!(p.admit(&post, Endpoint::ChatCompletions, "/v1/chat/completions").is_ok());
+        for path in ["/v1/chat/completions;x", "/v1/chat/completions%3Bx", "/v1/chat;a/completions"] {
+            assert_eq!(
+                p.admit(&post, Endpoint::ChatCompletions, path).unwrap_err(),
+                PolicyError::PathParameters
+            );
+        }
+        for method in [http::Method::PUT, http::Method::PATCH] {
+            let err = p.admit(&method, Endpoint::ChatCompletions, "/v1/chat/completions").unwrap_err();
+            assert_eq!(err.status(), 405, "{err}");
+        }
+        // a lone include_stream_usage rewrite is not a policy that refuses anything
+        let usage_only = policy(&[], None, MaxTokensMode::Reject, true, true);
+        assert!(usage_only.admit(&post, Endpoint::Other, "/v1/batches;x").is_ok());
+    }
+
+    #[test]
+    fn missing_caps_are_set_and_choices_capped_by_default() {
+        let p = Policy::new(&PolicyConfig { max_tokens: Some(100), ..Default::default() }, false);
+        let v = rewritten(p.inspect(Endpoint::ChatCompletions, br#"{"model":"m","messages":[]}"#));
+        assert_eq!(v["max_tokens"], 100);
+        for body in [&br#"{"model":"m","n":128}"#[..], br#"{"model":"m","prompt":"x","best_of":2}"#] {
+            let err = p.inspect(Endpoint::Completions, body).unwrap_err();
+            assert!(matches!(err, PolicyError::ChoicesExceeded { limit: 1, .. }), "{err}");
+        }
+        assert!(p.inspect(Endpoint::ChatCompletions, br#"{"model":"m","n":1,"max_tokens":5}"#).is_ok());
+        // the old behaviour stays available
+        let off = Policy::new(
+            &PolicyConfig {
+                max_tokens: Some(100),
+                set_max_tokens_when_missing: false,
+                max_choices: Some(4),
+                ..Default::default()
+            },
+            false,
+        );
+        assert!(matches!(
+            off.inspect(Endpoint::ChatCompletions, br#"{"model":"m","n":4}"#),
+            Ok(Verdict::Unchanged { .. })
+        ));
     }
 
     fn rewritten(v: Result<Verdict, PolicyError>) -> Value {
@@ -242,7 +375,7 @@ mod tests {
         let body = br#"{"model":"Qwen/Qwen3-235B","messages":[]}"#;
         let err = p.inspect(Endpoint::ChatCompletions, body).unwrap_err();
         assert_eq!(err, PolicyError::ModelNotAllowed("Qwen/Qwen3-235B".into()));
-        assert!(err.forbidden());
+        assert_eq!(err.status(), 403);
         assert_eq!(
             p.inspect(Endpoint::Embeddings, br#"{"model":"GigaChat/Embeddings","input":"x"}"#).unwrap(),
             Verdict::Unchanged { model: Some("GigaChat/Embeddings".into()) }

@@ -6,6 +6,7 @@
 //! token, force one refresh and replay once if the body was captured → stream the response back.
 
 pub mod body;
+pub mod budget;
 pub mod error;
 pub mod headers;
 pub mod inspect;
@@ -19,13 +20,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use self::body::{AccessInfo, BodyShared, ReplayBody, RequestBody, RequestGuard, ResponseBody, UpstreamBody};
+use self::body::{
+    AccessInfo, BodyShared, ReplayBody, RequestBody, RequestBodySettings, RequestGuard, ResponseBody,
+    UpstreamBody,
+};
+use self::budget::{ByteBudget, Reservation};
 use self::error::ProxyError;
 use self::inspect::{Policy, Verdict};
 use self::path::{Endpoint, PathError, Target};
@@ -43,6 +48,10 @@ pub struct ProxySettings {
     pub listen: String,
     pub max_body: u64,
     pub replay_capacity: u64,
+    /// `server.body_read_timeout_secs`.
+    pub body_read_timeout: Duration,
+    /// `server.max_buffered_bytes`, shared by every worker.
+    pub buffer: ByteBudget,
     pub idle_timeout: Duration,
     pub request_timeout: Option<Duration>,
     pub forced_refresh_wait: Duration,
@@ -126,7 +135,7 @@ impl Proxy {
                     a.status = parts.status.as_u16();
                     a.ttfb = Some(start.elapsed());
                 }
-                let deadline = inner.settings.request_timeout.map(|t| start + t);
+                let deadline = inner.settings.request_timeout.map(|t| body::deadline_after(start, t));
                 let body = ResponseBody::upstream(body, inner.settings.idle_timeout, deadline, guard);
                 Response::from_parts(parts, body)
             }
@@ -190,25 +199,39 @@ impl Proxy {
         if req.method() == Method::CONNECT || absolute_form {
             return Err(ProxyError::NotAProxy);
         }
-        self.check_origin(&req)?;
+        // An upstream or gateway that honours TRACE would echo the injected token back.
+        if is_trace(req.method()) {
+            return Err(ProxyError::MethodNotAllowed(req.method().clone()));
+        }
+        check_browser(&req, settings)?;
         let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let rest = path::strip_prefix(path_and_query).map_err(|e| match e {
             PathError::NotFound => ProxyError::NotFound { listen: settings.listen.clone() },
             PathError::Traversal => ProxyError::BadPath,
         })?;
+        if let Err(e) = settings.policy.admit(req.method(), endpoint, req.uri().path()) {
+            inner.metrics.policy_rejections_total.with_label_values(&[e.reason()]).inc();
+            return Err(ProxyError::Policy(e));
+        }
         let upstream_uri = settings.target.join(rest).map_err(ProxyError::BadUpstreamRequest)?;
         let declared = content_length(&req);
         if declared.is_some_and(|len| len > settings.max_body) {
-            return Err(ProxyError::PayloadTooLarge { limit: settings.max_body });
+            return Err(ProxyError::PayloadTooLarge {
+                limit: settings.max_body,
+                key: "server.max_request_body_bytes",
+            });
         }
         let (mut parts, incoming) = req.into_parts();
-        // The request policy reads JSON bodies of the endpoints it applies to (within the body
-        // limit); everything else streams through untouched.
+        // The request policy reads JSON bodies of the endpoints it applies to (within its body
+        // limit, deadline and the buffer budget); everything else streams through untouched.
+        let mut held = None;
         let outgoing = if settings.policy.applies(endpoint)
             && parts.method == Method::POST
             && (settings.policy.enforces() || is_json(&parts.headers))
         {
-            Outgoing::Buffered(self.inspect(endpoint, incoming, &mut parts.headers, guard).await?)
+            let (bytes, reservation) = self.read_for_policy(incoming, declared).await?;
+            held = Some(reservation);
+            Outgoing::Buffered(self.inspect(endpoint, bytes, &mut parts.headers, guard)?)
         } else {
             Outgoing::Streaming(incoming)
         };
@@ -239,15 +262,29 @@ impl Proxy {
                 (UpstreamBody::Replay { body: ReplayBody::new(vec![bytes.clone()]) }, Some(bytes))
             }
             Outgoing::Streaming(incoming) => {
-                let capacity = replayable.then_some(settings.replay_capacity);
-                let body = RequestBody::new(incoming, settings.max_body, capacity, Arc::clone(&shared));
+                let sniff_model = settings.usage_scan && endpoint.carries_usage() && is_json(&parts.headers);
+                if sniff_model {
+                    guard.watch_body(Arc::clone(&shared));
+                }
+                let body_settings = RequestBodySettings {
+                    limit: settings.max_body,
+                    replay_capacity: replayable.then_some(settings.replay_capacity),
+                    budget: settings.buffer.clone(),
+                    stall: settings.body_read_timeout,
+                    sniff_model,
+                };
+                let body = RequestBody::new(incoming, body_settings, Arc::clone(&shared));
                 (UpstreamBody::Streaming { body }, None)
             }
         };
         parts.headers.insert(AUTHORIZATION, token.header().clone());
         let req = Request::from_parts(parts, body);
 
-        let resp = self.send(req, endpoint, start, &shared).await?;
+        let resp = self.send(req, endpoint, start, &shared).await;
+        if shared.over_budget() {
+            inner.metrics.buffer_exhausted_total.with_label_values(&["replay"]).inc();
+        }
+        let resp = resp?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -286,55 +323,71 @@ impl Proxy {
         if resp.status() == StatusCode::UNAUTHORIZED {
             inner.metrics.upstream_unauthorized_total.inc();
         }
+        drop(held);
         Ok(resp)
     }
 
-    /// Browsers must not spend our credentials: a page can reach a loopback port by DNS
-    /// rebinding or a simple cross-site POST. SDKs send no `Origin` and a loopback `Host`.
-    fn check_origin(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    /// Reads a body for the policy: at most `policy.max_body_bytes`, the whole of it within
+    /// `server.body_read_timeout_secs`, every byte reserved in `server.max_buffered_bytes`.
+    async fn read_for_policy(
+        &self,
+        mut body: Incoming,
+        declared: Option<u64>,
+    ) -> Result<(Bytes, Reservation), ProxyError> {
         let settings = &self.inner.settings;
-        if let Some(origin) = req.headers().get(ORIGIN) {
-            if !settings.allowed_origins.iter().any(|o| o.as_bytes() == origin.as_bytes()) {
-                return Err(ProxyError::Forbidden(
-                    "requests from browsers (with an Origin header) are refused; list the origin in server.allowed_origins",
-                ));
-            }
+        let limit = settings.policy.max_body();
+        let too_large = || ProxyError::PayloadTooLarge { limit, key: "policy.max_body_bytes" };
+        if declared.is_some_and(|len| len > limit) {
+            return Err(too_large());
         }
-        if settings.loopback_only {
-            let host = req
-                .uri()
-                .authority()
-                .map(|a| a.host())
-                .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(host_without_port));
-            let allowed = host.is_some_and(|h| {
-                is_loopback_name(h) || settings.allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(h))
-            });
-            if !allowed {
-                return Err(ProxyError::Forbidden(
-                    "the Host header must name a loopback address (or one in server.allowed_hosts)",
-                ));
-            }
+        let mut reservation = settings.buffer.reservation();
+        let full = |m: &Metrics| {
+            m.buffer_exhausted_total.with_label_values(&["policy"]).inc();
+            ProxyError::BufferFull
+        };
+        // Reserve what the client declared up front, so a refusal comes before any byte is read.
+        if !reservation.ensure(declared.unwrap_or(0)) {
+            return Err(full(&self.inner.metrics));
         }
-        Ok(())
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut size = 0u64;
+        // The whole read, not each piece: a client trickling a byte at a time must not hold its
+        // slot and its bytes for longer than this either.
+        let deadline = body::deadline_after(Instant::now(), settings.body_read_timeout);
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(ProxyError::BodyTimeout(settings.body_read_timeout)),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(ProxyError::ClientBody(e.into())),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            size += data.len() as u64;
+            if size > limit {
+                return Err(too_large());
+            }
+            if !reservation.ensure(size) {
+                return Err(full(&self.inner.metrics));
+            }
+            chunks.push(data);
+        }
+        let bytes = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => Bytes::from(chunks.concat()),
+        };
+        Ok((bytes, reservation))
     }
 
-    /// Reads a JSON request body (within the body limit) and applies the request policy.
-    async fn inspect(
+    /// Applies the request policy to a body read whole.
+    fn inspect(
         &self,
         endpoint: Endpoint,
-        body: Incoming,
+        bytes: Bytes,
         headers: &mut http::HeaderMap,
         guard: &mut RequestGuard,
     ) -> Result<Bytes, ProxyError> {
         let inner = &*self.inner;
-        let limit = usize::try_from(inner.settings.max_body).unwrap_or(usize::MAX);
-        let bytes = match Limited::new(body, limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => {
-                return Err(ProxyError::PayloadTooLarge { limit: inner.settings.max_body })
-            }
-            Err(e) => return Err(ProxyError::ClientBody(e)),
-        };
         match inner.settings.policy.inspect(endpoint, &bytes) {
             Ok(Verdict::Unchanged { model }) => {
                 guard.set_request_model(model);
@@ -371,7 +424,11 @@ impl Proxy {
         }
         match tokio::time::timeout(wait, inner.client.request(req)).await {
             Err(_) => Err(ProxyError::Timeout(wait)),
-            Ok(Err(_)) if shared.too_large() => Err(ProxyError::PayloadTooLarge { limit: settings.max_body }),
+            Ok(Err(_)) if shared.too_large() => Err(ProxyError::PayloadTooLarge {
+                limit: settings.max_body,
+                key: "server.max_request_body_bytes",
+            }),
+            Ok(Err(_)) if shared.stalled() => Err(ProxyError::BodyTimeout(settings.body_read_timeout)),
             Ok(Err(_)) if shared.client_failed() => Err(ProxyError::ClientAborted),
             Ok(Err(e)) => Err(ProxyError::Unreachable(e)),
             Ok(Ok(resp)) => {
@@ -380,6 +437,90 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Browsers must not spend our credentials: a page can reach a loopback port by DNS
+/// rebinding, a simple cross-site POST, or a tag that sends a GET without `Origin`. SDKs send
+/// no `Origin`, no `Sec-Fetch-Site` and a loopback `Host`.
+fn check_browser<B>(req: &Request<B>, settings: &ProxySettings) -> Result<(), ProxyError> {
+    let guard = BrowserGuard {
+        allowed_origins: &settings.allowed_origins,
+        allowed_hosts: &settings.allowed_hosts,
+        hosts: if settings.loopback_only { HostRule::Loopback } else { HostRule::Any },
+    };
+    guard.check(req).map_err(ProxyError::Forbidden)
+}
+
+/// Which `Host` values a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRule {
+    /// Any: the listener is reachable from the network on purpose.
+    Any,
+    /// Loopback names and addresses only (and `allowed_hosts`).
+    Loopback,
+    /// Any IP literal (the kubelet probes with the pod IP), loopback names (and `allowed_hosts`):
+    /// a rebinding attack needs a DNS name.
+    IpLiteral,
+}
+
+/// The guard against browsers, shared by the proxy and the admin listener.
+#[derive(Debug, Clone, Copy)]
+pub struct BrowserGuard<'a> {
+    pub allowed_origins: &'a [String],
+    pub allowed_hosts: &'a [String],
+    pub hosts: HostRule,
+}
+
+impl BrowserGuard<'_> {
+    /// `Err` with the reason for the client if the request looks like it comes from a web page
+    /// that may not use this listener.
+    pub fn check<B>(&self, req: &Request<B>) -> Result<(), &'static str> {
+        let origin = req.headers().get(ORIGIN);
+        let allowed_origin =
+            origin.is_some_and(|o| self.allowed_origins.iter().any(|a| a.as_bytes() == o.as_bytes()));
+        if origin.is_some() && !allowed_origin {
+            return Err("requests from browsers (with an Origin header) are refused; list the origin in server.allowed_origins");
+        }
+        if !allowed_origin {
+            let site = req.headers().get("sec-fetch-site").map(|v| v.as_bytes());
+            if matches!(site, Some(b"cross-site") | Some(b"same-site")) {
+                return Err("cross-site requests from browsers (Sec-Fetch-Site) are refused");
+            }
+        }
+        if self.hosts == HostRule::Any {
+            return Ok(());
+        }
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.host())
+            .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(host_without_port));
+        let allowed = host.is_some_and(|h| {
+            is_loopback_name(h)
+                || (self.hosts == HostRule::IpLiteral && is_ip_literal(h))
+                || self.allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(h))
+        });
+        if !allowed {
+            return Err(match self.hosts {
+                HostRule::IpLiteral => {
+                    "the Host header must be an IP address or a loopback name (or one in server.allowed_hosts)"
+                }
+                _ => "the Host header must name a loopback address (or one in server.allowed_hosts)",
+            });
+        }
+        Ok(())
+    }
+}
+
+fn is_ip_literal(host: &str) -> bool {
+    host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok()
+}
+
+/// TRACE, and Microsoft's TRACK, echo the request (and the injected token) back.
+fn is_trace(method: &Method) -> bool {
+    method == Method::TRACE
+        || method.as_str().eq_ignore_ascii_case("TRACK")
+        || method.as_str().eq_ignore_ascii_case("TRACE")
 }
 
 /// `host[:port]` or `[v6]:port` without the port.

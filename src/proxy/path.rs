@@ -47,6 +47,11 @@ impl Endpoint {
         }
     }
 
+    /// The endpoint with this label (`chat_completions`, ...).
+    pub fn from_label(label: &str) -> Option<Endpoint> {
+        Self::ALL.into_iter().find(|e| e.as_str() == label)
+    }
+
     /// True for the endpoints whose responses report token usage.
     pub fn carries_usage(self) -> bool {
         matches!(
@@ -60,7 +65,8 @@ impl Endpoint {
         // Upstream servers commonly decode %XX, merge slashes and ignore case, so the label (and
         // with it the policy and usage accounting) is taken from that canonical form: an
         // encoded `/v1/chat/%63ompletions` is still a chat completion.
-        if path.bytes().any(|b| b == b'%' || b.is_ascii_uppercase()) || path.contains("//") {
+        // `;params` are dropped too, as servlet-style upstreams do: `chat/completions;x` is chat.
+        if path.bytes().any(|b| b == b'%' || b == b';' || b.is_ascii_uppercase()) || path.contains("//") {
             return Self::classify_canonical(&canonical(path));
         }
         Self::classify_canonical(path)
@@ -94,13 +100,19 @@ impl Endpoint {
     }
 }
 
-/// Lower-cases, decodes percent-encoded unreserved characters and merges repeated slashes.
+/// Lower-cases, decodes percent-encoded unreserved characters, drops `;params` from segments
+/// and merges repeated slashes.
 fn canonical(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         let mut c = bytes[i];
+        if c == b';' {
+            // Skip to the end of the segment.
+            i += bytes[i..].iter().position(|&b| b == b'/').unwrap_or(bytes.len() - i);
+            continue;
+        }
         if c == b'%' && i + 2 < bytes.len() {
             let decoded =
                 std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
@@ -141,33 +153,91 @@ pub fn strip_prefix(path_and_query: &str) -> Result<&str, PathError> {
     Ok(rest)
 }
 
-/// True if any segment is a dot segment, or could become one (or a new segment) after
-/// percent-decoding upstream.
+/// True if any piece of the path is a dot segment, or could become one after an upstream
+/// decodes it.
+///
+/// The path itself is forwarded byte for byte (`GigaChat%2FGigaChat-2-Max` stays encoded); this
+/// check only judges it. For the check, `/`, `\`, `%2F` and `%5C` separate pieces and `;` ends
+/// one (servlet containers drop `;params`); the path is percent-decoded again and again until it
+/// stops changing (so `%252e` and `%%32%65` count), and characters that Unicode normalisation
+/// turns into dots or slashes count as those.
 fn escapes(path: &str) -> bool {
     // A fragment never belongs in a request target, and URI parsing would drop it (and with it
     // what made a segment harmless).
-    if path.contains('\\') || path.contains('#') {
+    if path.contains('#') {
         return true;
     }
-    path.split('/').any(|segment| {
-        // Servlet containers treat `..;x` as `..`: judge the segment without its parameters.
-        let segment = segment.split(';').next().unwrap_or_default();
-        if segment == "." || segment == ".." {
+    let mut current: std::borrow::Cow<'_, [u8]> = std::borrow::Cow::Borrowed(path.as_bytes());
+    for _ in 0..MAX_DECODE_ROUNDS {
+        if has_dot_piece(&current) {
             return true;
         }
-        if !segment.contains('%') {
-            return false;
+        match percent_decode_once(&current) {
+            // A NUL truncates paths in C-based servers.
+            Some(decoded) if decoded.contains(&0) => return true,
+            Some(decoded) => current = std::borrow::Cow::Owned(decoded),
+            None => return false,
         }
-        // Rare: only percent-encoded segments pay for the lowercase copy.
-        let lower = segment.to_ascii_lowercase();
-        // Encoded separators, NUL, and double encodings of either that a second decode would
-        // turn into traversal.
-        if ["%2f", "%5c", "%00", "%252e", "%252f", "%255c"].iter().any(|bad| lower.contains(bad)) {
-            return true;
+    }
+    // Still changing after this many decodings: nobody encodes a real id like that.
+    true
+}
+
+/// Percent-encoding layers judged at most; deeper nesting is refused.
+const MAX_DECODE_ROUNDS: usize = 8;
+
+/// One percent-decoding pass, or `None` if there was nothing to decode.
+fn percent_decode_once(bytes: &[u8]) -> Option<Vec<u8>> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                changed = true;
+                continue;
+            }
         }
-        let decoded = lower.replace("%2e", ".");
-        decoded == "." || decoded == ".."
+        out.push(bytes[i]);
+        i += 1;
+    }
+    changed.then_some(out)
+}
+
+/// True if a piece between separators (cut at `;`) is `.` or `..`, counting characters that
+/// normalise to a dot (fullwidth `．`, one-dot leader `․`, small full stop `﹒`, two-dot leader
+/// `‥`) and pieces split by characters that normalise to a slash or backslash.
+fn has_dot_piece(bytes: &[u8]) -> bool {
+    let normalised;
+    let bytes = if bytes.is_ascii() {
+        bytes
+    } else {
+        normalised = normalise_lookalikes(bytes);
+        &normalised[..]
+    };
+    bytes.split(|&b| b == b'/' || b == b'\\').any(|piece| {
+        let piece = piece.split(|&b| b == b';').next().unwrap_or_default();
+        piece == b"." || piece == b".."
     })
+}
+
+/// Replaces the characters NFKC maps to `.`, `/` or `\` by those ASCII bytes.
+fn normalise_lookalikes(bytes: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\u{FF0E}' | '\u{2024}' | '\u{FE52}' => out.push('.'),
+            '\u{2025}' => out.push_str(".."),
+            '\u{FF0F}' => out.push('/'),
+            '\u{FF3C}' | '\u{FE68}' => out.push('\\'),
+            c => out.push(c),
+        }
+    }
+    out.into_bytes()
 }
 
 /// The upstream base, split once at startup so each request only appends its path.
@@ -261,7 +331,6 @@ mod tests {
             "/v1/.%2e/x",
             "/v1/models/..",
             "/v1/..%2fadmin",
-            "/v1/a%2Fb",
             "/v1/a\\..\\b",
             "/v1/a%5c..",
             "/v1/.#...",
@@ -269,8 +338,34 @@ mod tests {
             "/v1/.;x/admin",
             "/v1/%252e%252e/admin",
             "/v1/a%00b",
+            "/v1/..%3b/admin",
+            "/v1/..%3B/admin",
+            "/v1/%25%32%65%25%32%65/admin",
+            "/v1/%%32%65%%32%65/admin",
+            "/v1/%252e/admin",
+            "/v1/a%252f..%252fadmin",
+            "/v1/a%255c..",
+            "/v1/%25252e%25252e/x",
+            "/v1/\u{FF0E}\u{FF0E}/admin",
+            "/v1/%EF%BC%8E%EF%BC%8E/admin",
+            "/v1/\u{2024}/admin",
+            "/v1/\u{2025}/admin",
+            "/v1/a\u{FF0F}..",
+            "/v1/models/GigaChat%2F..%2F..%2Fadmin",
+            "/v1/%2525252525252525252e",
         ] {
             assert_eq!(strip_prefix(p), Err(PathError::Traversal), "{p}");
+        }
+        // Encoded separators inside ids pass byte for byte (the SDKs encode `/` in model ids).
+        for p in [
+            "/v1/models/GigaChat%2FGigaChat-2-Max",
+            "/v1/models/openai%2fgpt-oss-120b",
+            "/v1/files/a%5Cb",
+            "/v1/models/a%252Fb",
+            "/v1/models/v1.2%3Bx",
+            "/v1/files/%E2%80%A6name",
+        ] {
+            assert_eq!(strip_prefix(p), Ok(&p[3..]), "{p}");
         }
         // dots inside names and in the query are fine
         assert!(strip_prefix("/v1/models/gpt-4.1").is_ok());
@@ -299,6 +394,9 @@ mod tests {
             ("/v1/Chat/Completions", ChatCompletions),
             ("/v1/%65mbeddings", Embeddings),
             ("/v1/chat%2fcompletions", Other),
+            ("/v1/chat/completions;x", ChatCompletions),
+            ("/v1/chat;a/completions;b=c", ChatCompletions),
+            ("/v1/models/GigaChat%2FGigaChat-2-Max", Models),
         ];
         for (path, want) in cases {
             assert_eq!(Endpoint::classify(path), want, "{path}");
@@ -320,7 +418,7 @@ mod proptests {
         /// dot segment (literal or encoded), and keeps its query byte for byte.
         #[test]
         fn forwarded_paths_stay_under_the_base(
-            segments in proptest::collection::vec(r"(\.|\.\.|%2[eE]|%2[fF]|%5[cC]|[a-zA-Z0-9_.~-]){0,6}", 0..6),
+            segments in proptest::collection::vec(r"(\.|\.\.|%2[eE]|%2[fF]|%5[cC]|%25|%3[bB]|;|[a-zA-Z0-9_.~-]){0,6}", 0..6),
             query in proptest::option::of("[a-zA-Z0-9=&%./_-]{0,20}"),
         ) {
             let mut pq = String::from("/v1");
@@ -338,10 +436,14 @@ mod proptests {
                 prop_assert_eq!(uri.authority().unwrap().as_str(), "api.example");
                 let path = uri.path();
                 prop_assert!(path.starts_with("/base/v1"), "{}", path);
-                for seg in path.split('/') {
-                    let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
-                    prop_assert!(decoded != "." && decoded != "..", "{}", path);
-                    prop_assert!(!decoded.contains("%2f") && !decoded.contains("%5c"), "{}", path);
+                // However often upstream decodes it, no piece becomes a dot segment.
+                let mut text = path.to_string();
+                for _ in 0..4 {
+                    for piece in text.split(['/', '\\']) {
+                        let piece = piece.split(';').next().unwrap_or_default();
+                        prop_assert!(piece != "." && piece != "..", "{}", path);
+                    }
+                    text = String::from_utf8_lossy(&percent_decode_once(text.as_bytes()).unwrap_or_else(|| text.clone().into_bytes())).into_owned();
                 }
                 prop_assert_eq!(uri.query(), query.as_deref());
             }

@@ -233,6 +233,86 @@ impl UsageScanner {
     }
 }
 
+/// Finds the `model` a JSON request body names while it streams up, without holding the body:
+/// each chunk is searched where it lies, and only a short carry from the previous chunk is
+/// kept, for a key that spans two chunks. Used for the usage `model` label when the response
+/// names none.
+#[derive(Debug, Default)]
+pub struct ModelSniffer {
+    carry: Vec<u8>,
+    seen: usize,
+    found: Option<String>,
+}
+
+/// Request bytes searched for `model` at most.
+const SNIFF_BYTES: usize = 256 * 1024;
+/// Longest `"model": "<name>"` found across a chunk boundary.
+const SNIFF_CARRY: usize = 320;
+
+impl ModelSniffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True once the model is found or the search is over.
+    pub fn done(&self) -> bool {
+        self.found.is_some() || self.seen >= SNIFF_BYTES
+    }
+
+    /// Looks at the next piece of the request body.
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.done() {
+            return;
+        }
+        let data = &data[..data.len().min(SNIFF_BYTES - self.seen)];
+        self.seen += data.len();
+        if !self.carry.is_empty() {
+            // Only the boundary region: anything wholly inside `data` is found below.
+            let head = &data[..data.len().min(SNIFF_CARRY)];
+            self.carry.extend_from_slice(head);
+            self.found = string_value(&self.carry, b"\"model\"");
+            if self.found.is_some() {
+                return;
+            }
+        }
+        self.found = string_value(data, b"\"model\"");
+        if self.found.is_some() {
+            self.carry = Vec::new();
+        } else if data.len() >= SNIFF_CARRY {
+            self.carry.clear();
+            self.carry.extend_from_slice(&data[data.len() - SNIFF_CARRY..]);
+        } else {
+            // Short pieces: the carry already ends with all of `data`.
+            if self.carry.is_empty() {
+                self.carry.extend_from_slice(data);
+            }
+            let excess = self.carry.len().saturating_sub(SNIFF_CARRY);
+            self.carry.drain(..excess);
+        }
+    }
+
+    /// The model, if one was found.
+    pub fn finish(self) -> Option<String> {
+        self.found
+    }
+}
+
+/// The first string value of `key` used as an object key in `hay`.
+fn string_value(hay: &[u8], key: &[u8]) -> Option<String> {
+    let after = |pos: usize| {
+        if pos > 0 && hay[pos - 1] == b'\\' {
+            return None;
+        }
+        let rest = &hay[pos + key.len()..];
+        let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        if rest[colon] != b':' {
+            return None;
+        }
+        String::deserialize(&mut serde_json::Deserializer::from_slice(&rest[colon + 1..])).ok()
+    };
+    memchr::memmem::find_iter(hay, key).find_map(after)
+}
+
 /// How much of a large JSON body's end is kept.
 const TAIL_BYTES: usize = 64 * 1024;
 
@@ -408,6 +488,37 @@ impl ModelLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_model_is_found_across_any_split() {
+        let body = br#"{"messages":[{"role":"user","content":"say \"model\": \"fake\""}],"tools":[{"parameters":{"properties":{"model":{"type":"string"}}}}],"model":"GigaChat/GigaChat-2-Max","stream":true}"#;
+        for split in 1..body.len() {
+            let mut s = ModelSniffer::new();
+            s.feed(&body[..split]);
+            s.feed(&body[split..]);
+            assert_eq!(s.finish().as_deref(), Some("GigaChat/GigaChat-2-Max"), "split at {split}");
+        }
+        let mut bytewise = ModelSniffer::new();
+        for b in body.iter() {
+            bytewise.feed(std::slice::from_ref(b));
+        }
+        assert_eq!(bytewise.finish().as_deref(), Some("GigaChat/GigaChat-2-Max"));
+        let mut none = ModelSniffer::new();
+        none.feed(b"{\"input\":\"x\"}");
+        assert!(none.finish().is_none());
+    }
+
+    #[test]
+    fn request_model_search_is_bounded() {
+        let mut s = ModelSniffer::new();
+        let filler = vec![b' '; 64 * 1024];
+        for _ in 0..5 {
+            s.feed(&filler);
+        }
+        assert!(s.done());
+        s.feed(br#""model":"late""#);
+        assert!(s.finish().is_none());
+    }
 
     const STREAM: &str = concat!(
         "data: {\"id\":\"c1\",\"model\":\"GigaChat/GigaChat-2-Max\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",

@@ -2,6 +2,8 @@
 //! speaks the Cloud.ru IAM protocol, a scripted OpenAI-format upstream, and `start_sidecar`.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -43,6 +45,7 @@ fn settings(name: &'static str) -> ServeSettings {
         name,
         max_connections: 10_000,
         header_read_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(75),
         max_headers: 100,
         max_header_bytes: 64 * 1024,
         grace: Duration::from_millis(200),
