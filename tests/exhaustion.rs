@@ -225,7 +225,7 @@ async fn stalled_policy_uploads_are_bounded_by_the_budget_and_cut() {
 async fn stalled_streamed_uploads_keep_replay_copies_within_the_budget() {
     let iam = FakeIam::start().await;
     let up = reading_upstream().await;
-    let extra = "body_read_timeout_secs = 2\nmax_buffered_bytes = 1";
+    let extra = "body_read_timeout_secs = 2\nmax_buffered_bytes = 16777216";
     let proc = spawn(&iam, &up.base_url(), extra).await;
     let metrics = format!("http://{}/metrics", proc.admin);
     let before = proc.rss_bytes();
@@ -243,8 +243,10 @@ async fn stalled_streamed_uploads_keep_replay_copies_within_the_budget() {
     }
     let cut = start.elapsed();
     assert!(statuses.iter().all(|l| l.contains(" 408 ")), "{statuses:?}");
+    // The budget, plus each connection's own I/O buffers (about 180 KiB per stalled upload
+    // here, measured with the budget at 1 byte), which max_connections bounds.
     let growth = during.saturating_sub(before);
-    assert!(growth < 16 * MIB + 16 * MIB, "RSS grew {} MiB", growth / MIB);
+    assert!(growth < 16 * MIB + 100 * 256 * 1024, "RSS grew {} MiB", growth / MIB);
     let text = client().get(&metrics).send().await.unwrap().text().await.unwrap();
     assert_eq!(metric_value(&text, "sidekey_buffered_request_bytes"), 0.0, "{text}");
     let dropped = metric_value(&text, "sidekey_buffer_exhausted_total{use=\"replay\"}");
@@ -252,7 +254,7 @@ async fn stalled_streamed_uploads_keep_replay_copies_within_the_budget() {
     println!(
         "figures: stalled streamed uploads: 100 clients sending 0.9 MiB then stalling \
          (max_buffered_bytes 16 MiB, body_read_timeout_secs 2): replay copies held {:.1} MiB, \
-         RSS {:.1} → {:.1} MiB; all 100 got 408 within {:.1} s and the budget went back to 0",
+         RSS {:.1} → {:.1} MiB (the rest is per-connection I/O buffers, ~180 KiB each); all 100 got 408 within {:.1} s and the budget went back to 0",
         held / MIB as f64,
         before as f64 / MIB as f64,
         during as f64 / MIB as f64,

@@ -101,30 +101,6 @@ async fn slow_headers_are_cut_off() {
 }
 
 #[tokio::test]
-async fn a_connection_flood_is_bounded_and_queued() {
-    let (sc, _up, _iam) = sidecar_with(|c| c.server.max_connections = 8).await;
-    // Hold every slot with idle connections.
-    let mut idle = Vec::new();
-    for _ in 0..8 {
-        idle.push(TcpStream::connect(sc.proxy).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let url = sc.url("/v1/models");
-    let queued = tokio::spawn(async move {
-        let start = Instant::now();
-        let status = client().get(url).send().await.unwrap().status();
-        (status, start.elapsed())
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!queued.is_finished(), "the ninth connection waits for a slot");
-    drop(idle.pop());
-    let (status, waited) = timeout(WAIT, queued).await.unwrap().unwrap();
-    assert_eq!(status, 200);
-    println!("figures: connection flood: max_connections=8, 9th request queued {waited:?} then served");
-    drop(idle);
-}
-
-#[tokio::test]
 async fn the_admin_port_spends_no_credentials() {
     let (sc, up, _iam) = sidecar_with(|_| {}).await;
     for path in ["/v1/models", "/v1/chat/completions", "/"] {
@@ -147,4 +123,87 @@ async fn many_idle_keep_alive_connections_do_not_block_others() {
     }
     println!("figures: 500 idle connections held; 20 requests served in {:?}", start.elapsed());
     drop(idle);
+}
+
+#[tokio::test]
+async fn busy_connections_make_new_ones_wait_and_idle_ones_make_room() {
+    let iam = FakeIam::start().await;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let r = std::sync::Arc::clone(&release);
+    let up = FakeUpstream::start(move |req| {
+        let r = std::sync::Arc::clone(&r);
+        async move {
+            if req.uri().path().ends_with("/hang") {
+                r.notified().await;
+            }
+            json_response(200, r#"{"ok":true}"#)
+        }
+    })
+    .await;
+    let mut cfg = config(&iam, &up.base_url());
+    cfg.server.max_connections = 4;
+    let sc = start_sidecar(cfg).await;
+    sc.ready().await;
+    // Silent sockets fill every slot, yet a new request gets in: the oldest idle one makes room.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(sc.proxy).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let served = timeout(Duration::from_secs(2), client().get(sc.url("/v1/models")).send()).await;
+    assert_eq!(served.expect("served while idle sockets filled the limit").unwrap().status(), 200);
+    drop(idle);
+    // Four requests in flight hold every slot: a fifth connection waits until one ends.
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let url = sc.url("/v1/hang");
+        busy.push(tokio::spawn(async move { reqwest::Client::new().get(url).send().await.map(|r| r.status()) }));
+    }
+    let up2 = up.clone();
+    eventually("four requests in flight", || up2.count() >= 5).await;
+    let url = sc.url("/v1/models");
+    let queued = tokio::spawn(async move {
+        let start = Instant::now();
+        let c = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap();
+        (c.get(url).send().await.unwrap().status(), start.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!queued.is_finished(), "the fifth connection waits while all four are busy");
+    release.notify_waiters();
+    let (status, waited) = timeout(WAIT, queued).await.unwrap().unwrap();
+    assert_eq!(status, 200);
+    for b in busy {
+        assert_eq!(timeout(WAIT, b).await.unwrap().unwrap().unwrap(), 200);
+    }
+    println!(
+        "figures: connection limit: max_connections=4 filled by silent sockets, a new request served at once; \
+         filled by 4 requests in flight, a 5th waited {waited:?} for one to finish"
+    );
+}
+
+#[tokio::test]
+async fn browsers_and_trace_are_refused_on_both_listeners() {
+    let (sc, up, _iam) = sidecar_with(|c| c.server.enable_quit_endpoint = true).await;
+    let c = client();
+    for site in ["cross-site", "same-site"] {
+        let resp = c.get(sc.url("/v1/models")).header("sec-fetch-site", site).send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{site}");
+    }
+    let resp = c.get(sc.url("/v1/models")).header("sec-fetch-site", "none").send().await.unwrap();
+    assert_eq!(resp.status(), 200, "typed in the address bar");
+    for method in ["TRACE", "TRACK"] {
+        let line = status_line(sc.proxy, format!("{method} /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await;
+        assert!(line.contains("405"), "{method}: {line}");
+    }
+    // The admin port: no cross-site quit, no DNS-rebound metrics, probes by pod IP still work.
+    let quit = c.post(sc.admin_url("/quitquitquit")).header("origin", "https://evil.example").send().await.unwrap();
+    assert_eq!(quit.status(), 403);
+    let quit = c.post(sc.admin_url("/quitquitquit")).header("sec-fetch-site", "cross-site").send().await.unwrap();
+    assert_eq!(quit.status(), 403);
+    let rebound = status_line(sc.admin, b"GET /metrics HTTP/1.1\r\nHost: evil.example:9191\r\n\r\n").await;
+    assert!(rebound.contains("403"), "{rebound}");
+    let by_ip = status_line(sc.admin, b"GET /healthz HTTP/1.1\r\nHost: 10.1.2.3:9191\r\nConnection: close\r\n\r\n").await;
+    assert!(by_ip.contains("200"), "{by_ip}");
+    assert_eq!(up.count(), 1, "only the request with Sec-Fetch-Site: none went upstream");
+    still_serving(&sc).await;
 }

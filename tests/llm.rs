@@ -234,3 +234,95 @@ async fn the_policy_cannot_be_sidestepped_by_content_type_or_path_spelling() {
     assert_eq!(resp.status(), 400, "a body the policy cannot read is refused while it enforces");
     assert_eq!(up.count(), 0);
 }
+
+#[tokio::test]
+async fn the_policy_fails_closed_on_endpoints_it_cannot_judge() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::ok().await;
+    let mut cfg = config(&iam, &up.base_url());
+    cfg.policy.allowed_models = vec!["GigaChat/*".into()];
+    cfg.policy.max_tokens = Some(100);
+    let sc = start_sidecar(cfg).await;
+    sc.ready().await;
+    let c = client();
+    let forbidden = r#"{"model":"Qwen/Qwen3-235B","input":"x","prompt":"x","messages":[]}"#;
+    for path in [
+        "/v1/batches",
+        "/v1/threads/runs",
+        "/v1/images/generations",
+        "/v1/audio/speech",
+        "/v1/moderations",
+        "/v1/rerank",
+    ] {
+        let resp = c.post(sc.url(path)).header("content-type", "application/json").body(forbidden).send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{path}");
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(json["error"]["code"], "endpoint_not_allowed", "{path}");
+    }
+    for path in ["/v1/chat/completions;x", "/v1/chat/completions%3Bx"] {
+        let resp = c.post(sc.url(path)).header("content-type", "application/json").body(forbidden).send().await.unwrap();
+        assert!(matches!(resp.status().as_u16(), 400 | 403), "{path}: {}", resp.status());
+    }
+    for method in [http::Method::PUT, http::Method::PATCH] {
+        let resp = c
+            .request(method.clone(), sc.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(r#"{"model":"GigaChat/GigaChat-2-Max"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method}");
+    }
+    // n multiplies the cap: refused; no max_tokens: the cap is set.
+    let resp = post(&sc, "/v1/chat/completions", r#"{"model":"GigaChat/GigaChat-2-Max","n":128}"#.into()).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.json::<serde_json::Value>().await.unwrap()["error"]["code"], "max_choices_exceeded");
+    assert_eq!(up.count(), 0, "nothing the policy refused reached upstream");
+    let resp = post(&sc, "/v1/chat/completions", r#"{"model":"GigaChat/GigaChat-2-Max","messages":[]}"#.into()).await;
+    assert_eq!(resp.status(), 200);
+    let resp = c.get(sc.url("/v1/models")).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the model list stays allowed");
+    // six endpoints, and `completions%3Bx` (not chat completions to us, so not allowed)
+    assert_eq!(sc.metric(r#"sidekey_policy_rejections_total{reason="endpoint_not_allowed"}"#), 7.0);
+}
+
+#[tokio::test]
+async fn policy_bodies_over_their_own_limit_get_413() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::ok().await;
+    let mut cfg = config(&iam, &up.base_url());
+    cfg.policy.allowed_models = vec!["*".into()];
+    cfg.policy.max_body_bytes = 1000;
+    let sc = start_sidecar(cfg).await;
+    sc.ready().await;
+    let big = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(2000));
+    let resp = post(&sc, "/v1/chat/completions", big).await;
+    assert_eq!(resp.status(), 413);
+    let json: serde_json::Value = resp.json().await.unwrap();
+    assert!(json["error"]["message"].as_str().unwrap().contains("policy.max_body_bytes"), "{json}");
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn the_request_model_labels_usage_when_the_response_names_none() {
+    let iam = FakeIam::start().await;
+    let up = FakeUpstream::start(|req| async move {
+        req.into_body().collect().await.unwrap();
+        json_response(200, r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#)
+    })
+    .await;
+    let sc = start_sidecar(config(&iam, &up.base_url())).await;
+    sc.ready().await;
+    // As the Python SDK orders it: messages first, model after them.
+    let long = "word ".repeat(20_000);
+    let body = serde_json::json!({"messages": [{"role": "user", "content": long}], "model": "GigaChat/GigaChat-2-Max"});
+    let resp = post(&sc, "/v1/chat/completions", body.to_string()).await;
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    let metrics = sc.metrics.clone();
+    eventually("usage under the request's model", || {
+        metrics.llm_tokens_total.with_label_values(&["GigaChat/GigaChat-2-Max", "total"]).get() == 7
+    })
+    .await;
+    assert_eq!(sc.metric(r#"sidekey_llm_tokens_total{kind="total",model="unknown"}"#), 0.0);
+}
