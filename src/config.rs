@@ -952,7 +952,8 @@ mod tests {
 
     #[test]
     fn huge_values_are_refused_by_name() {
-        let cases: [(&str, fn(&mut Config)); 6] = [
+        type Tweak = fn(&mut Config);
+        let cases: [(&str, Tweak); 6] = [
             ("upstream.idle_timeout_secs", |c| c.upstream.idle_timeout_secs = u64::MAX),
             ("auth.forced_refresh_timeout_secs", |c| c.auth.forced_refresh_timeout_secs = u64::MAX - 1),
             ("server.max_inflight", |c| c.server.max_inflight = Some(usize::MAX)),

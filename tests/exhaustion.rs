@@ -96,14 +96,17 @@ async fn idle_connections_are_closed_over_http1_and_http2() {
     .await
     .unwrap();
     let h2 = tokio::spawn(conn);
-    let req = http::Request::get(format!("http://{}/v1/models", proc.proxy))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req =
+        http::Request::get(format!("http://{}/v1/models", proc.proxy)).body(Full::new(Bytes::new())).unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.into_body().collect().await.unwrap();
     let idle_start = Instant::now();
-    timeout(Duration::from_secs(5), h2).await.expect("sidekey closes an idle HTTP/2 connection").unwrap().ok();
+    timeout(Duration::from_secs(5), h2)
+        .await
+        .expect("sidekey closes an idle HTTP/2 connection")
+        .unwrap()
+        .ok();
     let h2_closed = idle_start.elapsed();
 
     // HTTP/1.1 keep-alive: one request, then nothing.
@@ -146,7 +149,8 @@ async fn stalled_uploads(addr: SocketAddr, n: usize, declared: usize, sent: usiz
              Content-Length: {declared}\r\n\r\n"
         );
         s.write_all(head.as_bytes()).await.unwrap();
-        s.write_all(&payload).await.unwrap();
+        // A refused upload may be answered and closed before all of it is written.
+        let _ = s.write_all(&payload).await;
         out.push(s);
     }
     out
@@ -182,10 +186,12 @@ async fn stalled_policy_uploads_are_bounded_by_the_budget_and_cut() {
         statuses.push(status_of(s).await);
     }
     let cut = start.elapsed();
-    let refused = statuses.iter().filter(|l| l.contains(" 503 ")).count();
+    // Refused at once: 503, or (when sidekey closed while the client was still writing) a reset
+    // that swallowed the 503.
+    let refused = statuses.iter().filter(|l| l.contains(" 503 ") || l.is_empty()).count();
     let timed_out = statuses.iter().filter(|l| l.contains(" 408 ")).count();
     assert_eq!(refused + timed_out, 20, "{statuses:?}");
-    assert!(refused >= 12, "the budget holds at most 8 declared MiB: {statuses:?}");
+    assert!((1..=8).contains(&timed_out), "the budget holds at most 8 declared MiB: {statuses:?}");
     let growth = during.saturating_sub(before);
     assert!(growth < 8 * MIB + 8 * MIB, "RSS grew {} MiB", growth / MIB);
     // A trickle (one byte every 300 ms) is cut by the same whole-body deadline.

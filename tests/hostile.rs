@@ -157,7 +157,9 @@ async fn busy_connections_make_new_ones_wait_and_idle_ones_make_room() {
     let mut busy = Vec::new();
     for _ in 0..4 {
         let url = sc.url("/v1/hang");
-        busy.push(tokio::spawn(async move { reqwest::Client::new().get(url).send().await.map(|r| r.status()) }));
+        busy.push(tokio::spawn(
+            async move { reqwest::Client::new().get(url).send().await.map(|r| r.status()) },
+        ));
     }
     let up2 = up.clone();
     eventually("four requests in flight", || up2.count() >= 5).await;
@@ -192,17 +194,25 @@ async fn browsers_and_trace_are_refused_on_both_listeners() {
     let resp = c.get(sc.url("/v1/models")).header("sec-fetch-site", "none").send().await.unwrap();
     assert_eq!(resp.status(), 200, "typed in the address bar");
     for method in ["TRACE", "TRACK"] {
-        let line = status_line(sc.proxy, format!("{method} /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await;
+        let line = status_line(
+            sc.proxy,
+            format!("{method} /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+        )
+        .await;
         assert!(line.contains("405"), "{method}: {line}");
     }
     // The admin port: no cross-site quit, no DNS-rebound metrics, probes by pod IP still work.
-    let quit = c.post(sc.admin_url("/quitquitquit")).header("origin", "https://evil.example").send().await.unwrap();
+    let quit =
+        c.post(sc.admin_url("/quitquitquit")).header("origin", "https://evil.example").send().await.unwrap();
     assert_eq!(quit.status(), 403);
-    let quit = c.post(sc.admin_url("/quitquitquit")).header("sec-fetch-site", "cross-site").send().await.unwrap();
+    let quit =
+        c.post(sc.admin_url("/quitquitquit")).header("sec-fetch-site", "cross-site").send().await.unwrap();
     assert_eq!(quit.status(), 403);
     let rebound = status_line(sc.admin, b"GET /metrics HTTP/1.1\r\nHost: evil.example:9191\r\n\r\n").await;
     assert!(rebound.contains("403"), "{rebound}");
-    let by_ip = status_line(sc.admin, b"GET /healthz HTTP/1.1\r\nHost: 10.1.2.3:9191\r\nConnection: close\r\n\r\n").await;
+    let by_ip =
+        status_line(sc.admin, b"GET /healthz HTTP/1.1\r\nHost: 10.1.2.3:9191\r\nConnection: close\r\n\r\n")
+            .await;
     assert!(by_ip.contains("200"), "{by_ip}");
     assert_eq!(up.count(), 1, "only the request with Sec-Fetch-Site: none went upstream");
     still_serving(&sc).await;

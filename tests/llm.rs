@@ -254,13 +254,25 @@ async fn the_policy_fails_closed_on_endpoints_it_cannot_judge() {
         "/v1/moderations",
         "/v1/rerank",
     ] {
-        let resp = c.post(sc.url(path)).header("content-type", "application/json").body(forbidden).send().await.unwrap();
+        let resp = c
+            .post(sc.url(path))
+            .header("content-type", "application/json")
+            .body(forbidden)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 403, "{path}");
         let json: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(json["error"]["code"], "endpoint_not_allowed", "{path}");
     }
     for path in ["/v1/chat/completions;x", "/v1/chat/completions%3Bx"] {
-        let resp = c.post(sc.url(path)).header("content-type", "application/json").body(forbidden).send().await.unwrap();
+        let resp = c
+            .post(sc.url(path))
+            .header("content-type", "application/json")
+            .body(forbidden)
+            .send()
+            .await
+            .unwrap();
         assert!(matches!(resp.status().as_u16(), 400 | 403), "{path}: {}", resp.status());
     }
     for method in [http::Method::PUT, http::Method::PATCH] {
@@ -274,11 +286,14 @@ async fn the_policy_fails_closed_on_endpoints_it_cannot_judge() {
         assert_eq!(resp.status(), 405, "{method}");
     }
     // n multiplies the cap: refused; no max_tokens: the cap is set.
-    let resp = post(&sc, "/v1/chat/completions", r#"{"model":"GigaChat/GigaChat-2-Max","n":128}"#.into()).await;
+    let resp =
+        post(&sc, "/v1/chat/completions", r#"{"model":"GigaChat/GigaChat-2-Max","n":128}"#.into()).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(resp.json::<serde_json::Value>().await.unwrap()["error"]["code"], "max_choices_exceeded");
     assert_eq!(up.count(), 0, "nothing the policy refused reached upstream");
-    let resp = post(&sc, "/v1/chat/completions", r#"{"model":"GigaChat/GigaChat-2-Max","messages":[]}"#.into()).await;
+    let resp =
+        post(&sc, "/v1/chat/completions", r#"{"model":"GigaChat/GigaChat-2-Max","messages":[]}"#.into())
+            .await;
     assert_eq!(resp.status(), 200);
     let resp = c.get(sc.url("/v1/models")).send().await.unwrap();
     assert_eq!(resp.status(), 200, "the model list stays allowed");

@@ -62,8 +62,7 @@ pub async fn spawn(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
 
 /// Starts the binary without waiting for a token.
 pub async fn spawn_unready(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
-    let dir =
-        std::env::temp_dir().join(format!("sidekey-proc-{}-{}", std::process::id(), fastrand::u32(..)));
+    let dir = std::env::temp_dir().join(format!("sidekey-proc-{}-{}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("sidekey.toml");
     std::fs::write(
