@@ -484,6 +484,7 @@ mod tests {
 
     use super::*;
     use crate::token::credential::Credentials;
+    use crate::token::redact::ErrorBody;
 
     #[derive(Clone, Debug)]
     enum Step {
@@ -540,11 +541,11 @@ mod tests {
                     expires_in: Duration::from_secs(secs),
                 }),
                 Step::Reject => {
-                    Err(FetchError::Rejected { status: StatusCode::UNAUTHORIZED, body: "no".into() })
+                    Err(FetchError::Rejected { status: StatusCode::UNAUTHORIZED, body: ErrorBody::default() })
                 }
                 Step::Unavailable(retry_after) => Err(FetchError::Status {
                     status: StatusCode::SERVICE_UNAVAILABLE,
-                    body: "busy".into(),
+                    body: ErrorBody::default(),
                     retry_after: retry_after.map(Duration::from_secs),
                 }),
                 Step::Panic => panic!("scripted panic in fetch"),
