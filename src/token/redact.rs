@@ -45,16 +45,16 @@ impl ErrorBody {
             return out;
         };
         out.json = true;
-        let secrets = [creds.id.expose(), creds.secret.expose()];
+        let needles = Needles::new(&[creds.id.expose(), creds.secret.expose()]);
         for &name in TOP_FIELDS {
             if let Some(text) = obj.get(name).and_then(scalar) {
-                out.fields.push((name, redact(&text, &secrets)));
+                out.fields.push((name, redact(&text, &needles)));
             }
         }
         if let Some(inner) = obj.get("error").and_then(serde_json::Value::as_object) {
             for &(label, name) in NESTED_FIELDS {
                 if let Some(text) = inner.get(name).and_then(scalar) {
-                    out.fields.push((label, redact(&text, &secrets)));
+                    out.fields.push((label, redact(&text, &needles)));
                 }
             }
         }
@@ -91,16 +91,46 @@ fn scalar(value: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// The credential values to look for, lowercased: whole, and as every run of [`SHARED_RUN`]
+/// characters (all of a shorter value).
+struct Needles {
+    whole: Vec<String>,
+    runs: Vec<String>,
+}
+
+impl Needles {
+    fn new(secrets: &[&str]) -> Self {
+        let whole: Vec<String> = secrets.iter().filter(|s| !s.is_empty()).map(|s| s.to_lowercase()).collect();
+        let mut runs: Vec<String> = whole
+            .iter()
+            .flat_map(|s| {
+                let chars: Vec<char> = s.chars().collect();
+                let width = chars.len().min(SHARED_RUN);
+                chars.windows(width).map(|w| w.iter().collect::<String>()).collect::<Vec<_>>()
+            })
+            .collect();
+        runs.sort_unstable();
+        runs.dedup();
+        Self { whole, runs }
+    }
+
+    /// True if `text` contains, ignoring case, one of the runs.
+    fn shared_by(&self, text: &str) -> bool {
+        let text = text.to_lowercase();
+        self.runs.iter().any(|run| text.contains(run.as_str()))
+    }
+}
+
 /// One field value, decoded, with every credential echo and token-like word replaced, on one
 /// line and at most [`VALUE_CHARS`] long.
-fn redact(value: &str, secrets: &[&str]) -> String {
+fn redact(value: &str, needles: &Needles) -> String {
     let mut text: String = decode(value).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     // Whole echoes first, so a credential containing spaces is caught before words are split.
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+    for secret in &needles.whole {
         text = replace_ignoring_case(&text, secret, REDACTED);
     }
     let words: Vec<&str> =
-        text.split_whitespace().map(|w| if sensitive(w, secrets) { REDACTED } else { w }).collect();
+        text.split_whitespace().map(|w| if sensitive(w, needles) { REDACTED } else { w }).collect();
     let joined = words.join(" ");
     match joined.char_indices().nth(VALUE_CHARS) {
         Some((i, _)) => format!("{}…", &joined[..i]),
@@ -109,27 +139,17 @@ fn redact(value: &str, secrets: &[&str]) -> String {
 }
 
 /// True if `word` (already decoded) holds part of a credential, Base64 of one, or a token.
-fn sensitive(word: &str, secrets: &[&str]) -> bool {
+fn sensitive(word: &str, needles: &Needles) -> bool {
     let runs = || word.split(|c: char| !(c.is_ascii_alphanumeric() || "._-+/=~".contains(c)));
-    shares_run(word, secrets)
-        || shares_run(&word.replace('+', " "), secrets)
+    needles.shared_by(word)
+        // a form-encoded space
+        || needles.shared_by(&word.replace('+', " "))
         || runs().any(|r| r.len() >= TOKEN_RUN)
         || runs()
             .flat_map(|r| r.split(['.', '~']))
             .filter(|r| r.len() >= BASE64_RUN)
             .filter_map(base64_decode)
-            .any(|bytes| shares_run(&decode(&String::from_utf8_lossy(&bytes)), secrets))
-}
-
-/// True if `text` contains, ignoring ASCII case, [`SHARED_RUN`] consecutive characters of any
-/// of `secrets` (or all of a shorter one).
-fn shares_run(text: &str, secrets: &[&str]) -> bool {
-    let text = text.to_lowercase();
-    secrets.iter().any(|secret| {
-        let chars: Vec<char> = secret.to_lowercase().chars().collect();
-        let width = chars.len().min(SHARED_RUN);
-        width > 0 && chars.windows(width).any(|w| text.contains(&w.iter().collect::<String>()))
-    })
+            .any(|bytes| needles.shared_by(&decode(&String::from_utf8_lossy(&bytes))))
 }
 
 fn replace_ignoring_case(text: &str, needle: &str, with: &str) -> String {
