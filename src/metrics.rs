@@ -1,5 +1,12 @@
 //! Prometheus metrics: an owned registry and typed handles, built once and shared as a cheap
 //! clone. Label values come from closed sets only (endpoint, status code, credential name).
+//!
+//! Every family is rendered from the first scrape, so dashboards and `absent()` alerts see 0
+//! rather than no data: the prometheus crate leaves out a labelled family with no series, so
+//! each one gets its series created at zero here, for every label value known from the config
+//! (credentials and their ordered pairs, endpoints, policy reasons) and, where the values are
+//! open (status codes, models), for one representative value. The one family left without a
+//! series is `sidekey_credential_failovers_total` with a single credential: there is no pair.
 
 use std::sync::{Arc, OnceLock};
 
@@ -9,7 +16,14 @@ use prometheus::{
 };
 
 use crate::proxy::path::Endpoint;
-use crate::proxy::usage::{ModelLabels, Scan};
+use crate::proxy::usage::{ModelLabels, Scan, KINDS};
+
+/// The `reason` values of `sidekey_policy_rejections_total` (what `PolicyError::reason`
+/// returns), created at zero so the family is there before the first refusal.
+const POLICY_REASONS: &[&str] = &["model_not_allowed", "max_tokens_exceeded", "invalid_body"];
+/// The `model` value the usage families start with: the catch-all past `metrics.max_models`,
+/// a label they may carry anyway, so the zero series claims nothing untrue.
+const PLACEHOLDER_MODEL: &str = "other";
 
 /// Buckets that resolve sub-millisecond proxy work and multi-minute streams alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -256,6 +270,22 @@ impl Metrics {
             for result in ["success", "failure"] {
                 token_refresh_total.with_label_values(&[name.as_str(), result]);
             }
+            for to in credentials.iter().filter(|to| *to != name) {
+                credential_failovers_total.with_label_values(&[name, to]);
+            }
+        }
+        for endpoint in Endpoint::ALL {
+            requests_total.with_label_values(&[endpoint.as_str(), "200"]);
+        }
+        for stream in ["false", "true"] {
+            llm_requests_total.with_label_values(&[PLACEHOLDER_MODEL, stream]);
+        }
+        // The kinds every usage block reports; `cached` and `reasoning` appear where reported.
+        for kind in &KINDS[..3] {
+            llm_tokens_total.with_label_values(&[PLACEHOLDER_MODEL, kind]);
+        }
+        for reason in POLICY_REASONS {
+            policy_rejections_total.with_label_values(&[reason]);
         }
         let request_duration =
             Endpoint::ALL.iter().map(|e| request_duration_vec.with_label_values(&[e.as_str()])).collect();
@@ -353,13 +383,11 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(
 mod tests {
     use super::*;
 
+    /// Every family, on a registry nothing has touched yet (the README's table is checked
+    /// against a live `/metrics` in `tests/metrics.rs`).
     #[test]
-    fn renders_every_contract_metric() {
+    fn renders_every_family_before_anything_happens() {
         let m = Metrics::new(&["primary".into(), "backup".into()]);
-        m.requests_total.with_label_values(&["models", "200"]).inc();
-        m.credential_failovers_total.with_label_values(&["primary", "backup"]).inc();
-        m.request_duration(Endpoint::Models).observe(0.001);
-        m.upstream_response(Endpoint::Models).observe(0.001);
         let text = m.render();
         for name in [
             "sidekey_token_refresh_total",
@@ -368,6 +396,8 @@ mod tests {
             "sidekey_token_last_success_timestamp_seconds",
             "sidekey_active_credential",
             "sidekey_credential_failovers_total",
+            "sidekey_forced_refreshes_total",
+            "sidekey_refresher_panics_total",
             "sidekey_requests_total",
             "sidekey_request_duration_seconds",
             "sidekey_upstream_response_seconds",
@@ -375,11 +405,76 @@ mod tests {
             "sidekey_request_replays_total",
             "sidekey_inflight_requests",
             "sidekey_build_info",
+            "sidekey_llm_tokens_total",
+            "sidekey_llm_requests_total",
+            "sidekey_usage_malformed_total",
+            "sidekey_policy_rejections_total",
+            "sidekey_policy_rewrites_total",
+            "sidekey_queue_depth",
+            "sidekey_queue_rejections_total",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
         }
         assert!(text.contains("le=\"0.0001\""));
         assert!(text.contains("le=\"600\""));
+    }
+
+    #[test]
+    fn failovers_start_at_zero_for_every_ordered_pair() {
+        let names: Vec<String> = ["primary", "backup", "spare"].map(String::from).into();
+        let m = Metrics::new(&names);
+        let text = m.render();
+        let series = text.lines().filter(|l| l.starts_with("sidekey_credential_failovers_total{")).count();
+        assert_eq!(series, 6, "{text}");
+        assert!(text.contains(r#"sidekey_credential_failovers_total{from="backup",to="primary"} 0"#));
+        let single = Metrics::new(&["primary".into()]).render();
+        assert!(!single.contains("sidekey_credential_failovers_total{"), "no pair, no series");
+    }
+
+    /// Pre-created series are the ones later use increments, not look-alikes beside them.
+    #[test]
+    fn pre_created_series_are_the_ones_counted() {
+        let m = Metrics::new(&["primary".into()]);
+        m.count_request(Endpoint::Models, http::StatusCode::OK);
+        let scan = Scan { model: Some("m".into()), ..Default::default() };
+        for _ in 0..3 {
+            m.record_usage(&scan, None);
+        }
+        let over = Metrics::with_max_models(&["primary".into()], 0);
+        over.record_usage(&scan, None);
+        let text = m.render();
+        assert!(text.contains(r#"sidekey_requests_total{code="200",endpoint="models"} 1"#), "{text}");
+        let over = over.render();
+        assert!(over.contains(r#"sidekey_llm_requests_total{model="other",stream="false"} 1"#), "{over}");
+        assert_eq!(over.matches("sidekey_llm_requests_total{").count(), 2, "{over}");
+    }
+
+    /// A new policy refusal needs its reason listed in `POLICY_REASONS`: the match below stops
+    /// compiling when a variant is added.
+    #[test]
+    fn every_policy_reason_is_pre_created() {
+        use crate::proxy::inspect::PolicyError;
+        let all = [
+            PolicyError::ModelNotAllowed("m".into()),
+            PolicyError::ModelMissing,
+            PolicyError::MaxTokensExceeded { field: "max_tokens", value: 2, limit: 1 },
+            PolicyError::BadMaxTokens("max_tokens"),
+            PolicyError::NotJson,
+        ];
+        for e in &all {
+            match e {
+                PolicyError::ModelNotAllowed(_)
+                | PolicyError::ModelMissing
+                | PolicyError::MaxTokensExceeded { .. }
+                | PolicyError::BadMaxTokens(_)
+                | PolicyError::NotJson => {}
+            }
+            assert!(POLICY_REASONS.contains(&e.reason()), "{} is not pre-created", e.reason());
+        }
+        let text = Metrics::new(&[]).render();
+        for reason in POLICY_REASONS {
+            assert!(text.contains(&format!("sidekey_policy_rejections_total{{reason=\"{reason}\"}} 0")));
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -20,10 +20,13 @@ struct Seen {
     expired: AtomicU64,
     unknown: AtomicU64,
     rejected_on_purpose: AtomicU64,
+    /// Tokens issued to this key id are refused, as once a service-account key is deleted.
+    revoked_key: Mutex<Option<String>>,
 }
 
 /// An upstream that accepts only live tokens issued by `iam` (and rejects token number
-/// `reject_seq` as if it had been revoked), answering `{"key_id": .., "body": ..}`.
+/// `reject_seq`, and every token of `Seen::revoked_key`, as if revoked), answering
+/// `{"key_id": .., "body": ..}`.
 async fn validating_upstream(iam: &FakeIam, reject_seq: Option<u64>) -> (FakeUpstream, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     let (iam, s) = (iam.clone(), Arc::clone(&seen));
@@ -47,7 +50,7 @@ async fn validating_upstream(iam: &FakeIam, reject_seq: Option<u64>) -> (FakeUps
                     seen.expired.fetch_add(1, Ordering::Relaxed);
                     json_response(401, r#"{"error":{"message":"Jwt is expired"}}"#)
                 }
-                Some(t) if Some(t.seq) == reject_seq => {
+                Some(t) if Some(t.seq) == reject_seq || seen.is_revoked(&t.key_id) => {
                     seen.rejected_on_purpose.fetch_add(1, Ordering::Relaxed);
                     json_response(401, r#"{"error":{"message":"Jwt is expired"}}"#)
                 }
@@ -62,6 +65,16 @@ async fn validating_upstream(iam: &FakeIam, reject_seq: Option<u64>) -> (FakeUps
     })
     .await;
     (up, seen)
+}
+
+impl Seen {
+    fn is_revoked(&self, key_id: &str) -> bool {
+        self.revoked_key.lock().unwrap().as_deref() == Some(key_id)
+    }
+
+    fn revoke(&self, key_id: &str) {
+        *self.revoked_key.lock().unwrap() = Some(key_id.to_string());
+    }
 }
 
 async fn status_and_json(resp: reqwest::Response) -> (u16, serde_json::Value) {
@@ -362,6 +375,40 @@ async fn primary_revoked_mid_run_without_failed_requests() {
     assert_eq!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",to="backup"}"#), 1.0);
     assert!(iam.calls_for(BACKUP_KEY) >= 1);
     assert_eq!(seen.expired.load(Ordering::Relaxed), 0);
+}
+
+/// Issue 11, item 2: the primary's key is deleted, so IAM rejects it and upstream rejects the
+/// tokens it issued. The request that discovers it must not fail: its forced refresh follows the
+/// failover to the backup within its wait, and the request is replayed with the backup's token.
+#[tokio::test]
+async fn revoked_primary_the_request_that_discovers_it_succeeds() {
+    let iam = FakeIam::start().await;
+    let (up, seen) = validating_upstream(&iam, None).await;
+    let mut cfg = config(&iam, &up.base_url());
+    cfg.auth.credentials.push(credential("backup", BACKUP_KEY, BACKUP_SECRET));
+    let sc = start_sidecar(cfg).await;
+    sc.ready().await;
+    let c = client();
+    let who = |json: &serde_json::Value| json["key_id"].as_str().unwrap_or_default().to_string();
+    let (status, json) = status_and_json(c.get(sc.url("/v1/models")).send().await.unwrap()).await;
+    assert_eq!((status, who(&json).as_str()), (200, PRIMARY_KEY), "the primary works");
+
+    iam.set(PRIMARY_KEY, Iam::Status(401, r#"{"error":"invalid keyId or secret"}"#, None));
+    seen.revoke(PRIMARY_KEY);
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let resp = timeout(WAIT, c.get(sc.url("/v1/models")).send()).await.unwrap().unwrap();
+        answers.push(status_and_json(resp).await);
+    }
+    let failed: Vec<_> = answers.iter().filter(|(status, _)| *status != 200).collect();
+    assert!(failed.is_empty(), "client-visible failures after the revocation: {failed:?}");
+    for (_, json) in &answers {
+        assert_eq!(who(json), BACKUP_KEY);
+    }
+    assert_eq!(seen.rejected_on_purpose.load(Ordering::Relaxed), 1, "only the discovering request saw a 401");
+    assert!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",to="backup"}"#) >= 1.0);
+    assert_eq!(sc.metric("sidekey_forced_refreshes_total"), 1.0);
+    assert_eq!(sc.metric("sidekey_request_replays_total"), 1.0);
 }
 
 #[tokio::test]

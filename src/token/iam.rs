@@ -12,6 +12,7 @@ use hyper_util::client::legacy::Client;
 
 use super::credential::{CredentialError, Credentials};
 use super::failover::Outcome;
+use super::redact::ErrorBody;
 use crate::client::Connector;
 use crate::config::ClientAuth;
 use crate::secret::Secret;
@@ -22,8 +23,6 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Largest token response read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// How much of an error body is kept for the log.
-const ERROR_BODY_CHARS: usize = 200;
 
 /// A freshly issued token.
 #[derive(Debug)]
@@ -55,13 +54,14 @@ pub enum ResponseError {
     NotBearer,
 }
 
-/// A failed fetch. Messages never contain the key id, secret or token.
+/// A failed fetch. Messages never contain the key id, secret or token, nor an error body: only
+/// its length and its redacted error fields ([`ErrorBody`]).
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("rejected by the token endpoint ({status}): {body}")]
-    Rejected { status: StatusCode, body: String },
+    Rejected { status: StatusCode, body: ErrorBody },
     #[error("token endpoint answered {status}: {body}")]
-    Status { status: StatusCode, body: String, retry_after: Option<Duration> },
+    Status { status: StatusCode, body: ErrorBody, retry_after: Option<Duration> },
     #[error("token endpoint unreachable")]
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("token endpoint did not answer within {0:?}")]
@@ -215,7 +215,7 @@ impl TokenClient {
             }
             return Ok(fetched);
         }
-        let body = sanitize_body(&bytes, creds);
+        let body = ErrorBody::summarize(&bytes, creds);
         match status.as_u16() {
             400 | 401 | 403 => Err(FetchError::Rejected { status, body }),
             _ => Err(FetchError::Status { status, body, retry_after }),
@@ -324,50 +324,6 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// A short, single-line copy of an error body without the credential or anything token-like.
-pub fn sanitize_body(bytes: &[u8], creds: &Credentials) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut text: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    // The values as sent, and as a server might echo them: JSON-escaped or percent-encoded.
-    for value in [creds.secret.expose(), creds.id.expose()] {
-        let json = serde_json::to_string(value).unwrap_or_default();
-        let json = json.trim_matches('"').to_string();
-        let variants = [
-            value.to_string(),
-            json.replace('/', "\\/"),
-            json,
-            form_urlencode(value),
-            form_urlencode(value).replace('+', "%20"),
-        ];
-        for needle in variants {
-            if !needle.is_empty() {
-                text = text.replace(&needle, crate::secret::REDACTED);
-            }
-        }
-    }
-    // Anything long and unbroken (a JWT, a hex key) is redacted too.
-    let words: Vec<String> = text
-        .split(' ')
-        .map(|w| {
-            let run = w.split(|c: char| !(c.is_ascii_alphanumeric() || "._-+/=".contains(c)));
-            if run.clone().any(|r| r.len() >= 40) {
-                crate::secret::REDACTED.to_string()
-            } else {
-                w.to_string()
-            }
-        })
-        .collect();
-    let joined = words.join(" ");
-    let trimmed = joined.trim();
-    if trimmed.is_empty() {
-        return "(empty body)".into();
-    }
-    match trimmed.char_indices().nth(ERROR_BODY_CHARS) {
-        Some((i, _)) => format!("{}…", &trimmed[..i]),
-        None => trimmed.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,28 +384,6 @@ mod tests {
     }
 
     #[test]
-    fn error_bodies_lose_secrets_and_token_like_runs() {
-        let creds = Credentials { id: Secret::new("KID-123"), secret: Secret::new("S3CR3T") };
-        let jwt = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig";
-        let body = format!("{{\"error\":\"bad key KID-123 / S3CR3T\",\n\"hint\":\"{jwt}\"}}");
-        let out = sanitize_body(body.as_bytes(), &creds);
-        assert!(!out.contains("KID-123") && !out.contains("S3CR3T") && !out.contains("eyJhbGci"));
-        assert!(!out.contains('\n'));
-        let long = "x ".repeat(500);
-        assert!(sanitize_body(long.as_bytes(), &creds).chars().count() <= ERROR_BODY_CHARS + 1);
-    }
-
-    #[test]
-    fn echoed_secrets_are_redacted_in_escaped_forms_too() {
-        let creds = Credentials { id: Secret::new("id/1"), secret: Secret::new("s3cr+t/\"x") };
-        for echo in [r#"s3cr+t\/\"x"#, "s3cr%2Bt%2F%22x", r#"s3cr+t/\"x"#] {
-            let out = sanitize_body(format!("bad secret {echo} for id/1").as_bytes(), &creds);
-            assert!(!out.contains("s3cr"), "{echo}: {out}");
-            assert!(!out.contains("id/1"), "{out}");
-        }
-    }
-
-    #[test]
     fn form_encoding_and_base64() {
         assert_eq!(form_urlencode("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
         assert_eq!(base64(b""), "");
@@ -471,12 +405,12 @@ mod tests {
 
     #[test]
     fn classification() {
-        let rejected = FetchError::Rejected { status: StatusCode::UNAUTHORIZED, body: String::new() };
+        let rejected = FetchError::Rejected { status: StatusCode::UNAUTHORIZED, body: ErrorBody::default() };
         assert_eq!(rejected.outcome(), Outcome::Rejected);
         assert_eq!(rejected.summary(), "rejected by IAM (401)");
         let busy = FetchError::Status {
             status: StatusCode::TOO_MANY_REQUESTS,
-            body: String::new(),
+            body: ErrorBody::default(),
             retry_after: Some(Duration::from_secs(3)),
         };
         assert_eq!(busy.outcome(), Outcome::Transient);
@@ -513,16 +447,6 @@ mod proptests {
                 prop_assert!(f.access_token.expose().bytes().all(|b| b.is_ascii_graphic()));
                 prop_assert!(f.expires_in >= Duration::from_secs(1) && f.expires_in <= MAX_LIFETIME);
             }
-        }
-
-        #[test]
-        fn sanitized_bodies_are_short_single_line_and_secret_free(body in ".{0,600}", secret in "[A-Za-z0-9]{8,20}") {
-            let creds = Credentials { id: Secret::new("KEYID-fixed"), secret: Secret::new(secret.clone()) };
-            let input = format!("{body}{secret}{body}");
-            let out = sanitize_body(input.as_bytes(), &creds);
-            prop_assert!(!out.contains(&secret));
-            prop_assert!(!out.contains('\n') && !out.contains('\r'));
-            prop_assert!(out.chars().count() <= ERROR_BODY_CHARS + 1);
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod credential;
 pub mod failover;
 pub mod iam;
+pub mod redact;
 pub mod refresher;
 pub mod schedule;
 

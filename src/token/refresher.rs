@@ -32,6 +32,9 @@ pub struct RefreshSettings {
     pub failover_after_failures: u32,
     pub failback_after: Duration,
     pub min_forced_interval: Duration,
+    /// How long a request answered 401 waits for the forced refresh; attempts that would start
+    /// later help none of the waiters.
+    pub forced_refresh_timeout: Duration,
     pub credential_poll: Duration,
 }
 
@@ -45,6 +48,7 @@ impl RefreshSettings {
             failover_after_failures: a.failover_after_failures,
             failback_after: Duration::from_secs(a.failback_after_secs),
             min_forced_interval: Duration::from_secs(a.min_forced_refresh_interval_secs),
+            forced_refresh_timeout: Duration::from_secs(a.forced_refresh_timeout_secs),
             credential_poll: Duration::from_secs(a.credential_poll_secs.max(1)),
         }
     }
@@ -183,6 +187,12 @@ impl<F: Fetcher> Refresher<F> {
     }
 
     /// An upstream 401 for the current token: refresh now unless one was forced recently.
+    ///
+    /// The requests waiting on this refresh are settled only once it is over: it follows the
+    /// failover state machine and the backoff schedule within their wait, so a credential
+    /// rejected here hands over to the next one at once, and a transient failure is retried
+    /// after its backoff. It ends with the first token installed, when no credential is left that
+    /// could issue one, or when the next attempt would start after the waiters have given up.
     async fn on_forced(&mut self) {
         let wanted = self.store.force_requested();
         let current = self.store.latest().map_or(0, |t| t.generation());
@@ -205,8 +215,26 @@ impl<F: Fetcher> Refresher<F> {
         self.last_forced = Some(now);
         self.metrics.forced_refreshes_total.inc();
         tracing::info!(generation = wanted, "Upstream answered 401 for the current token; refreshing now");
-        let cred = self.failover.active();
-        self.attempt(cred).await;
+        let deadline = later(now, self.settings.forced_refresh_timeout);
+        loop {
+            if self.attempt(self.failover.active()).await {
+                break;
+            }
+            if self.failover.all_rejected() {
+                break;
+            }
+            // `on_failure` has set the next attempt: at once after a switch, else after the
+            // backoff (never before a server's Retry-After), so this loop cannot spin.
+            if self.next_refresh >= deadline {
+                tracing::debug!(
+                    retry_in_ms =
+                        self.next_refresh.saturating_duration_since(Instant::now()).as_millis() as u64,
+                    "Forced refresh gave up: the next attempt is due after the requests stop waiting"
+                );
+                break;
+            }
+            sleep_until(self.next_refresh).await;
+        }
         self.store.settle(wanted);
     }
 
@@ -241,8 +269,9 @@ impl<F: Fetcher> Refresher<F> {
         }
     }
 
-    /// One fetch with credential `cred`, and everything that follows from its outcome.
-    async fn attempt(&mut self, cred: usize) {
+    /// One fetch with credential `cred`, and everything that follows from its outcome. True if
+    /// it installed a new token.
+    async fn attempt(&mut self, cred: usize) -> bool {
         let name = self.names[cred].clone();
         let started = Instant::now();
         let wall_started = SystemTime::now();
@@ -276,13 +305,18 @@ impl<F: Fetcher> Refresher<F> {
             .token_refresh_duration_seconds
             .with_label_values(&[&name])
             .observe(now.duration_since(started).as_secs_f64());
-        match result {
+        let installed = match result {
             Ok(fetched) => self.on_success(cred, fetched, started, wall_started, now),
-            Err(err) => self.on_failure(cred, err, now),
-        }
+            Err(err) => {
+                self.on_failure(cred, err, now);
+                false
+            }
+        };
         self.metrics.set_active_credential(&self.names, self.failover.active());
+        installed
     }
 
+    /// Installs the fetched token, or counts it as a failure if it is unusable. True if installed.
     fn on_success(
         &mut self,
         cred: usize,
@@ -290,13 +324,14 @@ impl<F: Fetcher> Refresher<F> {
         started: Instant,
         wall_started: SystemTime,
         now: Instant,
-    ) {
+    ) -> bool {
         if fetched.expires_in <= self.settings.expiry_margin {
             let err = FetchError::TooShortLived {
                 expires_in: fetched.expires_in,
                 margin: self.settings.expiry_margin,
             };
-            return self.on_failure(cred, err, now);
+            self.on_failure(cred, err, now);
+            return false;
         }
         let name = &self.names[cred];
         self.generation += 1;
@@ -312,7 +347,8 @@ impl<F: Fetcher> Refresher<F> {
             Ok(token) => token,
             Err(_) => {
                 let err = FetchError::BadResponse(super::iam::ResponseError::InvalidToken);
-                return self.on_failure(cred, err, now);
+                self.on_failure(cred, err, now);
+                return false;
             }
         };
         self.store.install(token);
@@ -343,6 +379,7 @@ impl<F: Fetcher> Refresher<F> {
         if let Transition::Switch { from, to } = self.failover.record(cred, Outcome::Success, now) {
             self.log_switch(from, to, "failback: the primary works again");
         }
+        true
     }
 
     fn on_failure(&mut self, cred: usize, err: FetchError, now: Instant) {
@@ -416,6 +453,11 @@ impl<F: Fetcher> Refresher<F> {
     }
 }
 
+/// `at + d`, or a time far beyond any wait if that overflows (a huge configured duration).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d).unwrap_or_else(|| at + Duration::from_secs(30 * 365 * 24 * 3600))
+}
+
 fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
@@ -442,6 +484,7 @@ mod tests {
 
     use super::*;
     use crate::token::credential::Credentials;
+    use crate::token::redact::ErrorBody;
 
     #[derive(Clone, Debug)]
     enum Step {
@@ -455,6 +498,8 @@ mod tests {
     struct Inner {
         queued: HashMap<String, VecDeque<Step>>,
         fallback: HashMap<String, Step>,
+        /// How long a fetch with this key takes (none by default).
+        latency: HashMap<String, Duration>,
         calls: Vec<(String, Instant)>,
     }
 
@@ -468,6 +513,9 @@ mod tests {
         fn otherwise(&self, key: &str, step: Step) {
             self.0.lock().unwrap().fallback.insert(key.into(), step);
         }
+        fn latency(&self, key: &str, latency: Duration) {
+            self.0.lock().unwrap().latency.insert(key.into(), latency);
+        }
         fn calls(&self) -> Vec<(String, Instant)> {
             self.0.lock().unwrap().calls.clone()
         }
@@ -479,23 +527,25 @@ mod tests {
     impl Fetcher for Script {
         async fn fetch(&self, creds: Credentials) -> Result<Fetched, FetchError> {
             let key = creds.id.expose().to_string();
-            let step = {
+            let (step, latency) = {
                 let mut s = self.0.lock().unwrap();
                 s.calls.push((key.clone(), Instant::now()));
                 let queued = s.queued.get_mut(&key).and_then(VecDeque::pop_front);
-                queued.or_else(|| s.fallback.get(&key).cloned()).unwrap_or(Step::Issue(3600))
+                let step = queued.or_else(|| s.fallback.get(&key).cloned()).unwrap_or(Step::Issue(3600));
+                (step, s.latency.get(&key).copied().unwrap_or_default())
             };
+            tokio::time::sleep(latency).await;
             match step {
                 Step::Issue(secs) => Ok(Fetched {
                     access_token: format!("token-{key}-{}", fastrand::u32(..)).into(),
                     expires_in: Duration::from_secs(secs),
                 }),
                 Step::Reject => {
-                    Err(FetchError::Rejected { status: StatusCode::UNAUTHORIZED, body: "no".into() })
+                    Err(FetchError::Rejected { status: StatusCode::UNAUTHORIZED, body: ErrorBody::default() })
                 }
                 Step::Unavailable(retry_after) => Err(FetchError::Status {
                     status: StatusCode::SERVICE_UNAVAILABLE,
-                    body: "busy".into(),
+                    body: ErrorBody::default(),
                     retry_after: retry_after.map(Duration::from_secs),
                 }),
                 Step::Panic => panic!("scripted panic in fetch"),
@@ -512,6 +562,7 @@ mod tests {
             failover_after_failures: 3,
             failback_after: Duration::from_secs(300),
             min_forced_interval: Duration::from_secs(10),
+            forced_refresh_timeout: Duration::from_secs(10),
             credential_poll: Duration::from_secs(10),
         }
     }
@@ -704,6 +755,130 @@ mod tests {
         at(&r, 12.0).await;
         assert!(r.store.replace_rejected(first + 1, Duration::from_secs(10)).await.is_some());
         assert_eq!(r.script.calls().len(), 3);
+    }
+
+    /// Asks for a forced refresh of the current token, as a request answered 401 does; returns
+    /// the replacement and how long the request waited for it.
+    async fn reject_current(r: &Running) -> (Option<Arc<Token>>, Duration) {
+        let rejected = r.store.latest().expect("a token").generation();
+        let asked = Instant::now();
+        let got = r.store.replace_rejected(rejected, settings().forced_refresh_timeout).await;
+        (got, asked.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_follows_failover_within_its_wait() {
+        let r = start(&["primary", "backup"]);
+        at(&r, 1.0).await;
+        assert_eq!(credential(&r), "primary");
+        // The primary's key is revoked: IAM rejects it from now on. Fetches take a moment, so
+        // the waiting request is not rescued by a token that happens to land before it looks.
+        r.script.otherwise("primary", Step::Reject);
+        r.script.latency("primary", Duration::from_millis(50));
+        r.script.latency("backup", Duration::from_millis(50));
+        let (got, waited) = reject_current(&r).await;
+        let token = got.expect("the waiting request gets the backup's token");
+        assert_eq!(token.credential(), "backup");
+        // Two round trips, no backoff between a rejection and the switch.
+        assert!(waited < Duration::from_millis(110), "{waited:?}");
+        assert_eq!((r.script.count("primary"), r.script.count("backup")), (2, 1));
+        assert_eq!(r.metrics.credential_failovers_total.with_label_values(&["primary", "backup"]).get(), 1);
+        assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
+        // The rate limit still holds: another rejection within min_forced_interval is refused at
+        // once, without a fetch.
+        let (got, waited) = reject_current(&r).await;
+        assert!(got.is_none());
+        assert!(waited < Duration::from_millis(10), "{waited:?}");
+        assert_eq!(r.script.calls().len(), 3);
+        assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_moves_past_every_rejected_credential() {
+        let r = start(&["primary", "backup", "spare"]);
+        at(&r, 1.0).await;
+        r.script.otherwise("primary", Step::Reject);
+        r.script.otherwise("backup", Step::Reject);
+        for key in ["primary", "backup", "spare"] {
+            r.script.latency(key, Duration::from_millis(50));
+        }
+        let (got, waited) = reject_current(&r).await;
+        assert_eq!(got.expect("a token from the spare").credential(), "spare");
+        assert!(waited < Duration::from_millis(160), "{waited:?}");
+        let failovers = &r.metrics.credential_failovers_total;
+        assert_eq!(failovers.with_label_values(&["primary", "backup"]).get(), 1);
+        assert_eq!(failovers.with_label_values(&["backup", "spare"]).get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_retries_transient_failures_on_the_backoff_schedule() {
+        let r = start(&["primary"]);
+        at(&r, 1.0).await;
+        r.script.queue("primary", &[Step::Unavailable(None), Step::Unavailable(None)]);
+        let (got, waited) = reject_current(&r).await;
+        assert!(got.is_some(), "the third attempt, within the wait, gave a token");
+        let t = offsets(&r);
+        assert_eq!(t.len(), 4, "{t:?}");
+        // 1 s initial backoff with equal jitter: 0.5-1 s, then 1-2 s. No spinning.
+        let gaps: Vec<f64> = t.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+        assert!((0.49..=1.01).contains(&gaps[0]) && (0.99..=2.01).contains(&gaps[1]), "gaps {gaps:?}");
+        assert!(waited >= Duration::from_millis(1500) && waited <= Duration::from_secs(3), "{waited:?}");
+        assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_fails_over_after_the_transient_threshold_within_its_wait() {
+        let r = start(&["primary", "backup"]);
+        at(&r, 1.0).await;
+        r.script.otherwise("primary", Step::Unavailable(None));
+        let (got, waited) = reject_current(&r).await;
+        assert_eq!(got.expect("the backup, after three transient failures").credential(), "backup");
+        assert_eq!((r.script.count("primary"), r.script.count("backup")), (4, 1));
+        assert!(waited <= Duration::from_secs(3), "two backoff steps at most: {waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_stops_when_the_next_attempt_is_after_the_wait() {
+        let r = start(&["primary"]);
+        at(&r, 1.0).await;
+        r.script.otherwise("primary", Step::Unavailable(None));
+        let (got, waited) = reject_current(&r).await;
+        assert!(got.is_none());
+        // Attempts 0.5-1, 1-2, 2-4 s apart fit in the 10 s wait; the one after 4-8 s more may
+        // not: the waiters are settled then, before their own timeout.
+        let forced = r.script.calls().len() - 1;
+        assert!((4..=5).contains(&forced), "{forced} attempts: {:?}", offsets(&r));
+        assert!(waited < settings().forced_refresh_timeout, "settled, not timed out: {waited:?}");
+        // The refresher goes on with its backoff afterwards.
+        at(&r, 30.0).await;
+        assert!(r.script.calls().len() > forced + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_does_not_wait_past_a_retry_after_beyond_the_wait() {
+        let r = start(&["primary"]);
+        at(&r, 1.0).await;
+        r.script.queue("primary", &[Step::Unavailable(Some(60))]);
+        let (got, waited) = reject_current(&r).await;
+        assert!(got.is_none());
+        assert!(waited < Duration::from_millis(10), "{waited:?}");
+        assert_eq!(r.script.calls().len(), 2);
+        at(&r, 60.5).await;
+        assert_eq!(r.script.calls().len(), 2, "Retry-After honoured");
+        at(&r, 61.5).await;
+        assert_eq!(r.script.calls().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_with_every_credential_rejected_settles_at_once() {
+        let r = start(&["primary", "backup"]);
+        at(&r, 1.0).await;
+        r.script.otherwise("primary", Step::Reject);
+        r.script.otherwise("backup", Step::Reject);
+        let (got, waited) = reject_current(&r).await;
+        assert!(got.is_none());
+        assert!(waited < Duration::from_millis(10), "{waited:?}");
+        assert_eq!((r.script.count("primary"), r.script.count("backup")), (2, 1));
     }
 
     #[tokio::test(start_paused = true)]

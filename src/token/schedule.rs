@@ -6,8 +6,8 @@ use std::time::Duration;
 /// How long after a token was requested to start refreshing it.
 ///
 /// Counted on the token's usable life (its lifetime less the expiry margin, after which it is
-/// never sent): the refresh starts `refresh_before` before expiry, but at the latest at half the
-/// usable life, so a short-lived token is always replaced before it stops being usable. Up to a
+/// never sent): the refresh starts `refresh_before` before expiry, but never before half the
+/// usable life has passed, so a short-lived token keeps half its usable life for retries. Up to a
 /// tenth of the lead is taken off at random, so a fleet of sidecars does not refresh in lockstep.
 pub fn refresh_after(
     lifetime: Duration,
@@ -60,6 +60,16 @@ mod tests {
         // 10 s tokens with the default 5 s margin: replaced at 2.5 s, unusable from 5 s
         assert_eq!(refresh_after(S(10), S(300), S(5), 0.0), Duration::from_millis(2_500));
         assert_eq!(refresh_after(S(4), S(300), S(0), 0.0), S(2));
+    }
+
+    /// The worked examples in the README's token lifecycle section.
+    #[test]
+    fn the_readme_examples_hold() {
+        let ms = Duration::from_millis;
+        assert_eq!(refresh_after(S(3600), S(300), S(5), 0.0), S(3300));
+        assert_eq!(refresh_after(S(3600), S(300), S(5), 1.0), ms(3_270_500));
+        assert_eq!(refresh_after(S(60), S(300), S(5), 0.0), ms(27_500));
+        assert_eq!(refresh_after(S(60), S(300), S(5), 1.0), ms(24_750));
     }
 
     #[test]
