@@ -168,7 +168,8 @@ pub struct AuthConfig {
     pub scope: Option<String>,
     pub audience: Option<String>,
     pub client_auth: ClientAuth,
-    /// Refresh this long before expiry (short-lived tokens: at the latest at half their life).
+    /// Refresh this long before expiry, but no earlier than half the usable life (so short-lived
+    /// tokens are refreshed at about half their life; see the README for worked examples).
     pub refresh_before_secs: u64,
     /// A token is never sent once it is this close to expiry.
     pub expiry_margin_secs: u64,

@@ -18,9 +18,6 @@ use prometheus::{
 use crate::proxy::path::Endpoint;
 use crate::proxy::usage::{ModelLabels, Scan, KINDS};
 
-/// The `reason` values of `sidekey_policy_rejections_total` (what `PolicyError::reason`
-/// returns), created at zero so the family is there before the first refusal.
-const POLICY_REASONS: &[&str] = &["model_not_allowed", "max_tokens_exceeded", "invalid_body"];
 /// The `model` value the usage families start with: the catch-all past `metrics.max_models`,
 /// a label they may carry anyway, so the zero series claims nothing untrue.
 const PLACEHOLDER_MODEL: &str = "other";
@@ -284,9 +281,6 @@ impl Metrics {
         for kind in &KINDS[..3] {
             llm_tokens_total.with_label_values(&[PLACEHOLDER_MODEL, kind]);
         }
-        for reason in POLICY_REASONS {
-            policy_rejections_total.with_label_values(&[reason]);
-        }
         let request_duration =
             Endpoint::ALL.iter().map(|e| request_duration_vec.with_label_values(&[e.as_str()])).collect();
         let upstream_response =
@@ -449,8 +443,8 @@ mod tests {
         assert_eq!(over.matches("sidekey_llm_requests_total{").count(), 2, "{over}");
     }
 
-    /// A new policy refusal needs its reason listed in `POLICY_REASONS`: the match below stops
-    /// compiling when a variant is added.
+    /// A new policy refusal needs its reason listed in `PolicyError::REASONS`: the match below
+    /// stops compiling when a variant is added.
     #[test]
     fn every_policy_reason_is_pre_created() {
         use crate::proxy::inspect::PolicyError;
@@ -458,21 +452,29 @@ mod tests {
             PolicyError::ModelNotAllowed("m".into()),
             PolicyError::ModelMissing,
             PolicyError::MaxTokensExceeded { field: "max_tokens", value: 2, limit: 1 },
+            PolicyError::ChoicesExceeded { field: "n", value: 2, limit: 1 },
             PolicyError::BadMaxTokens("max_tokens"),
             PolicyError::NotJson,
+            PolicyError::EndpointNotAllowed("other"),
+            PolicyError::MethodNotAllowed { method: http::Method::PUT, endpoint: "chat_completions" },
+            PolicyError::PathParameters,
         ];
         for e in &all {
             match e {
                 PolicyError::ModelNotAllowed(_)
                 | PolicyError::ModelMissing
                 | PolicyError::MaxTokensExceeded { .. }
+                | PolicyError::ChoicesExceeded { .. }
                 | PolicyError::BadMaxTokens(_)
-                | PolicyError::NotJson => {}
+                | PolicyError::NotJson
+                | PolicyError::EndpointNotAllowed(_)
+                | PolicyError::MethodNotAllowed { .. }
+                | PolicyError::PathParameters => {}
             }
-            assert!(POLICY_REASONS.contains(&e.reason()), "{} is not pre-created", e.reason());
+            assert!(PolicyError::REASONS.contains(&e.reason()), "{} is not pre-created", e.reason());
         }
         let text = Metrics::new(&[]).render();
-        for reason in POLICY_REASONS {
+        for reason in PolicyError::REASONS {
             assert!(text.contains(&format!("sidekey_policy_rejections_total{{reason=\"{reason}\"}} 0")));
         }
     }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the fault, hostile-input, token and leak suites and writes the figures they print
+# Runs the fault, hostile-input, exhaustion, token and leak suites and writes the figures they print
 # (`figures:` lines) into README.md between the reliability markers. Nothing is typed by hand.
 #   bash tests/reliability-figures.sh            # full run (token churn 30 s)
 #   SIDEKEY_CHURN_SECS=6 bash tests/reliability-figures.sh
@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-cargo test --locked --test faults --test hostile --test token --test secrets -- --nocapture --test-threads=1 2>&1 | tee "$out" | grep -E '(test result|figures:)' || true
+cargo test --locked --test faults --test hostile --test exhaustion --test token --test secrets -- --nocapture --test-threads=1 2>&1 | tee "$out" | grep -E '(test result|figures:)' || true
 if grep -q 'test result: FAILED' "$out"; then
   echo "some tests failed; README not updated" >&2
   exit 1
