@@ -11,7 +11,7 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
 
@@ -37,11 +37,15 @@ pub struct Inner {
     registry: Registry,
     pub token_refresh_total: IntCounterVec,
     pub token_refresh_duration_seconds: HistogramVec,
-    pub token_expiry_timestamp_seconds: Gauge,
-    pub token_last_success_timestamp_seconds: Gauge,
+    pub token_expiry_timestamp_seconds: GaugeVec,
+    pub token_last_success_timestamp_seconds: GaugeVec,
     pub active_credential: IntGaugeVec,
     pub credential_failovers_total: IntCounterVec,
-    pub forced_refreshes_total: IntCounter,
+    pub forced_refreshes_total: IntCounterVec,
+    pub client_requests_total: IntCounterVec,
+    pub client_tokens_total: IntCounterVec,
+    pub caller_credentials: IntGaugeVec,
+    pub caller_credential_fetches_total: IntCounterVec,
     pub requests_total: IntCounterVec,
     /// `requests_total` children per endpoint and status code, resolved on first use so the
     /// request path does no label hashing after that.
@@ -84,13 +88,19 @@ impl Metrics {
 
     /// Like [`Metrics::new`], with at most `max_models` distinct `model` label values.
     pub fn with_max_models(credentials: &[String], max_models: usize) -> Self {
+        Self::with_sets(&[(crate::config::DEFAULT_SET, credentials.to_vec())], max_models)
+    }
+
+    /// Every credential set with its credential names, so the per-set series exist (at zero)
+    /// from the first scrape; at most `max_models` distinct `model` label values.
+    pub fn with_sets(sets: &[(&str, Vec<String>)], max_models: usize) -> Self {
         let registry = Registry::new();
         let r = &registry;
         let token_refresh_total = register(
             r,
             IntCounterVec::new(
-                Opts::new("sidekey_token_refresh_total", "Token fetches by credential and result."),
-                &["credential", "result"],
+                Opts::new("sidekey_token_refresh_total", "Token fetches by credential set, credential and result."),
+                &["set", "credential", "result"],
             ),
         );
         let token_refresh_duration_seconds = register(
@@ -98,44 +108,93 @@ impl Metrics {
             HistogramVec::new(
                 HistogramOpts::new("sidekey_token_refresh_duration_seconds", "Token endpoint round trip.")
                     .buckets(LATENCY_BUCKETS.to_vec()),
-                &["credential"],
+                &["set", "credential"],
             ),
         );
         let token_expiry_timestamp_seconds = register(
             r,
-            Gauge::new(
-                "sidekey_token_expiry_timestamp_seconds",
-                "Unix time the current token expires (0 if none).",
+            GaugeVec::new(
+                Opts::new(
+                    "sidekey_token_expiry_timestamp_seconds",
+                    "Unix time the current token of each credential set expires (0 if none).",
+                ),
+                &["set"],
             ),
         );
         let token_last_success_timestamp_seconds = register(
             r,
-            Gauge::new(
-                "sidekey_token_last_success_timestamp_seconds",
-                "Unix time of the last successful token fetch.",
+            GaugeVec::new(
+                Opts::new(
+                    "sidekey_token_last_success_timestamp_seconds",
+                    "Unix time of the last successful token fetch of each credential set.",
+                ),
+                &["set"],
             ),
         );
         let active_credential = register(
             r,
             IntGaugeVec::new(
                 Opts::new("sidekey_active_credential", "1 for the credential in use, 0 for the others."),
-                &["credential"],
+                &["set", "credential"],
             ),
         );
         let credential_failovers_total = register(
             r,
             IntCounterVec::new(
                 Opts::new("sidekey_credential_failovers_total", "Switches between credentials."),
-                &["from", "to"],
+                &["set", "from", "to"],
             ),
         );
         let forced_refreshes_total = register(
             r,
-            IntCounter::new(
-                "sidekey_forced_refreshes_total",
-                "Refreshes forced by an upstream 401 for the current token.",
+            IntCounterVec::new(
+                Opts::new(
+                    "sidekey_forced_refreshes_total",
+                    "Refreshes forced by an upstream 401 for the current token.",
+                ),
+                &["set"],
             ),
         );
+        let client_requests_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new("sidekey_client_requests_total", "Proxied requests by client and HTTP status."),
+                &["client", "code"],
+            ),
+        );
+        let client_tokens_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new("sidekey_client_tokens_total", "Tokens reported by upstream responses, by client and kind."),
+                &["client", "kind"],
+            ),
+        );
+        let caller_credentials = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "sidekey_caller_credentials",
+                    "Caller-supplied credential pairs cached, by state (ready, pending, failed).",
+                ),
+                &["state"],
+            ),
+        );
+        let caller_credential_fetches_total = register(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "sidekey_caller_credential_fetches_total",
+                    "Token fetches for caller-supplied pairs, by result (success, rejected, failure, rate_limited).",
+                ),
+                &["result"],
+            ),
+        );
+        for state in ["ready", "pending", "failed"] {
+            caller_credentials.with_label_values(&[state]);
+        }
+        for result in ["success", "rejected", "failure", "rate_limited"] {
+            caller_credential_fetches_total.with_label_values(&[result]);
+        }
         let requests_total = register(
             r,
             IntCounterVec::new(
@@ -261,14 +320,21 @@ impl Metrics {
             register(r, IntGaugeVec::new(Opts::new("sidekey_build_info", "Always 1."), &["version"]));
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-        for name in credentials {
-            active_credential.with_label_values(&[name]).set(0);
-            token_refresh_duration_seconds.with_label_values(&[name]);
-            for result in ["success", "failure"] {
-                token_refresh_total.with_label_values(&[name.as_str(), result]);
-            }
-            for to in credentials.iter().filter(|to| *to != name) {
-                credential_failovers_total.with_label_values(&[name, to]);
+        for (set, credentials) in sets {
+            let set = *set;
+            token_expiry_timestamp_seconds.with_label_values(&[set]);
+            token_last_success_timestamp_seconds.with_label_values(&[set]);
+            forced_refreshes_total.with_label_values(&[set]);
+            for name in credentials {
+                let name = name.as_str();
+                active_credential.with_label_values(&[set, name]).set(0);
+                token_refresh_duration_seconds.with_label_values(&[set, name]);
+                for result in ["success", "failure"] {
+                    token_refresh_total.with_label_values(&[set, name, result]);
+                }
+                for to in credentials.iter().filter(|to| to.as_str() != name) {
+                    credential_failovers_total.with_label_values(&[set, name, to]);
+                }
             }
         }
         for endpoint in Endpoint::ALL {
@@ -295,6 +361,10 @@ impl Metrics {
             active_credential,
             credential_failovers_total,
             forced_refreshes_total,
+            client_requests_total,
+            client_tokens_total,
+            caller_credentials,
+            caller_credential_fetches_total,
             requests_total,
             request_counters: Endpoint::ALL
                 .iter()
@@ -339,10 +409,15 @@ impl Metrics {
     }
 
     /// Marks `active` as the credential in use.
-    pub fn set_active_credential(&self, names: &[String], active: usize) {
+    pub fn set_active_credential(&self, set: &str, names: &[String], active: usize) {
         for (i, name) in names.iter().enumerate() {
-            self.active_credential.with_label_values(&[name]).set(i64::from(i == active));
+            self.active_credential.with_label_values(&[set, name]).set(i64::from(i == active));
         }
+    }
+
+    /// The registry, for modules that register their own families.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Records what a response scan found.
@@ -420,7 +495,7 @@ mod tests {
         let text = m.render();
         let series = text.lines().filter(|l| l.starts_with("sidekey_credential_failovers_total{")).count();
         assert_eq!(series, 6, "{text}");
-        assert!(text.contains(r#"sidekey_credential_failovers_total{from="backup",to="primary"} 0"#));
+        assert!(text.contains(r#"sidekey_credential_failovers_total{from="backup",set="default",to="primary"} 0"#));
         let single = Metrics::new(&["primary".into()]).render();
         assert!(!single.contains("sidekey_credential_failovers_total{"), "no pair, no series");
     }
@@ -483,8 +558,8 @@ mod tests {
     fn active_credential_is_one_hot() {
         let names = vec!["primary".to_string(), "backup".to_string()];
         let m = Metrics::new(&names);
-        m.set_active_credential(&names, 1);
-        assert_eq!(m.active_credential.with_label_values(&["primary"]).get(), 0);
-        assert_eq!(m.active_credential.with_label_values(&["backup"]).get(), 1);
+        m.set_active_credential("default", &names, 1);
+        assert_eq!(m.active_credential.with_label_values(&["default", "primary"]).get(), 0);
+        assert_eq!(m.active_credential.with_label_values(&["default", "backup"]).get(), 1);
     }
 }

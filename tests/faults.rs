@@ -74,7 +74,7 @@ async fn a_hanging_iam_leaves_no_stuck_tasks() {
     cfg.auth.backoff_max_ms = 100;
     let sc = start_sidecar(cfg).await;
     let metrics = sc.metrics.clone();
-    let failures = || metrics.token_refresh_total.with_label_values(&["primary", "failure"]).get();
+    let failures = || metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get();
     eventually("two timeouts", || failures() >= 2).await;
     let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
     eventually("four more timeouts", || failures() >= 6).await;

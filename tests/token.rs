@@ -93,13 +93,13 @@ async fn speaks_the_iam_protocol_exactly() {
     assert_eq!(call.secret, PRIMARY_SECRET);
     assert_eq!(call.content_type.as_deref(), Some("application/json"));
     // Metrics moved with the refresh.
-    assert_eq!(sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="success"}"#), 1.0);
+    assert_eq!(sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="success",set="default"}"#), 1.0);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let expiry = sc.metric("sidekey_token_expiry_timestamp_seconds");
+    let expiry = sc.metric(r#"sidekey_token_expiry_timestamp_seconds{set="default"}"#);
     assert!((expiry - (now + 3600.0)).abs() < 10.0, "expiry {expiry} vs now {now}");
-    assert!((sc.metric("sidekey_token_last_success_timestamp_seconds") - now).abs() < 10.0);
-    assert_eq!(sc.metric(r#"sidekey_token_refresh_duration_seconds_count{credential="primary"}"#), 1.0);
-    assert_eq!(sc.metric(r#"sidekey_active_credential{credential="primary"}"#), 1.0);
+    assert!((sc.metric(r#"sidekey_token_last_success_timestamp_seconds{set="default"}"#) - now).abs() < 10.0);
+    assert_eq!(sc.metric(r#"sidekey_token_refresh_duration_seconds_count{credential="primary",set="default"}"#), 1.0);
+    assert_eq!(sc.metric(r#"sidekey_active_credential{credential="primary",set="default"}"#), 1.0);
 }
 
 #[tokio::test]
@@ -151,7 +151,7 @@ async fn upstream_401_storm_causes_one_forced_refresh_and_replays() {
         iam.call_count()
     );
     assert_eq!(iam.call_count(), 2, "one initial fetch and one forced refresh");
-    assert_eq!(sc.metric("sidekey_forced_refreshes_total"), 1.0);
+    assert_eq!(sc.metric(r#"sidekey_forced_refreshes_total{set="default"}"#), 1.0);
     let rejected = seen.rejected_on_purpose.load(Ordering::Relaxed) as f64;
     assert_eq!(sc.metric("sidekey_request_replays_total"), rejected);
     assert_eq!(sc.metric("sidekey_upstream_unauthorized_total"), rejected);
@@ -210,7 +210,7 @@ async fn iam_down_at_startup_then_back() {
     assert!(back.elapsed() < Duration::from_secs(2), "recovered after {:?}", back.elapsed());
     assert_eq!(c.get(sc.admin_url("/readyz")).send().await.unwrap().status(), 200);
     assert_eq!(c.post(sc.url("/v1/chat/completions")).body("{}").send().await.unwrap().status(), 200);
-    assert!(sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="failure"}"#) >= 2.0);
+    assert!(sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="failure",set="default"}"#) >= 2.0);
 }
 
 #[tokio::test]
@@ -234,7 +234,7 @@ async fn iam_outage_shorter_than_the_token_life_is_invisible() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let failures = sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="failure"}"#);
+    let failures = sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="failure",set="default"}"#);
     println!(
         "figures: short IAM outage: sent={sent} failed=0 refresh_failures={failures} expired_seen={}",
         seen.expired.load(Ordering::Relaxed)
@@ -277,7 +277,7 @@ async fn huge_expires_in_is_clamped_to_a_day() {
     let sc = start_sidecar(config(&iam, &up.base_url())).await;
     sc.ready().await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let expiry = sc.metric("sidekey_token_expiry_timestamp_seconds");
+    let expiry = sc.metric(r#"sidekey_token_expiry_timestamp_seconds{set="default"}"#);
     assert!((expiry - now - 86_400.0).abs() < 10.0, "{}", expiry - now);
 }
 
@@ -290,7 +290,7 @@ async fn a_hanging_iam_times_out_and_recovers() {
     cfg.auth.timeout_secs = 1;
     let sc = start_sidecar(cfg).await;
     let metrics = sc.metrics.clone();
-    let failed = || metrics.token_refresh_total.with_label_values(&["primary", "failure"]).get();
+    let failed = || metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get();
     eventually("a timed-out fetch", || failed() >= 1).await;
     let text = client().get(sc.admin_url("/readyz")).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("IAM timed out"), "{text}");
@@ -327,22 +327,22 @@ async fn primary_rejected_backup_takes_over_then_failback() {
         status_and_json(c.post(sc.url("/v1/embeddings")).body("{}").send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert_eq!(who(json), BACKUP_KEY);
-    assert_eq!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",to="backup"}"#), 1.0);
-    assert_eq!(sc.metric(r#"sidekey_active_credential{credential="backup"}"#), 1.0);
-    assert_eq!(sc.metric(r#"sidekey_active_credential{credential="primary"}"#), 0.0);
+    assert_eq!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#), 1.0);
+    assert_eq!(sc.metric(r#"sidekey_active_credential{credential="backup",set="default"}"#), 1.0);
+    assert_eq!(sc.metric(r#"sidekey_active_credential{credential="primary",set="default"}"#), 0.0);
 
     // The primary is restored; the next probe (within failback_after_secs) switches back.
     iam.set(PRIMARY_KEY, Iam::Issue(Duration::from_secs(3600)));
     let metrics = sc.metrics.clone();
     eventually("failback", || {
-        metrics.credential_failovers_total.with_label_values(&["backup", "primary"]).get() == 1
+        metrics.credential_failovers_total.with_label_values(&["default", "backup", "primary"]).get() == 1
     })
     .await;
     let (status, json) =
         status_and_json(c.post(sc.url("/v1/embeddings")).body("{}").send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert_eq!(who(json), PRIMARY_KEY);
-    assert_eq!(sc.metric(r#"sidekey_active_credential{credential="primary"}"#), 1.0);
+    assert_eq!(sc.metric(r#"sidekey_active_credential{credential="primary",set="default"}"#), 1.0);
     assert_eq!(seen.expired.load(Ordering::Relaxed) + seen.unknown.load(Ordering::Relaxed), 0);
 }
 
@@ -370,9 +370,9 @@ async fn primary_revoked_mid_run_without_failed_requests() {
     }
     println!(
         "figures: primary revoked mid-run: sent={sent} failed=0 failovers={}",
-        sc.metric(r#"sidekey_credential_failovers_total{from="primary",to="backup"}"#)
+        sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#)
     );
-    assert_eq!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",to="backup"}"#), 1.0);
+    assert_eq!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#), 1.0);
     assert!(iam.calls_for(BACKUP_KEY) >= 1);
     assert_eq!(seen.expired.load(Ordering::Relaxed), 0);
 }
@@ -406,8 +406,8 @@ async fn revoked_primary_the_request_that_discovers_it_succeeds() {
         assert_eq!(who(json), BACKUP_KEY);
     }
     assert_eq!(seen.rejected_on_purpose.load(Ordering::Relaxed), 1, "only the discovering request saw a 401");
-    assert!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",to="backup"}"#) >= 1.0);
-    assert_eq!(sc.metric("sidekey_forced_refreshes_total"), 1.0);
+    assert!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#) >= 1.0);
+    assert_eq!(sc.metric(r#"sidekey_forced_refreshes_total{set="default"}"#), 1.0);
     assert_eq!(sc.metric("sidekey_request_replays_total"), 1.0);
 }
 

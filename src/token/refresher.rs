@@ -71,6 +71,8 @@ pub struct Refresher<F> {
     next_refresh: Instant,
     last_forced: Option<Instant>,
     generation: u64,
+    /// The credential set this refresher serves: a label on its metrics and logs.
+    set: Arc<str>,
 }
 
 impl<F> std::fmt::Debug for Refresher<F> {
@@ -108,7 +110,14 @@ impl<F: Fetcher> Refresher<F> {
             next_refresh: Instant::now(),
             last_forced: None,
             generation: 0,
+            set: Arc::from(crate::config::DEFAULT_SET),
         }
+    }
+
+    /// Names the credential set this refresher serves (the `set` label; `default` otherwise).
+    pub fn with_set(mut self, set: &str) -> Self {
+        self.set = Arc::from(set);
+        self
     }
 
     /// Runs until `cancel` fires. A panic inside the loop is caught and the loop goes on; `alive`
@@ -126,7 +135,7 @@ impl<F: Fetcher> Refresher<F> {
             cancel.cancelled().await;
             return;
         }
-        self.metrics.set_active_credential(&self.names, 0);
+        self.metrics.set_active_credential(&self.set, &self.names, 0);
         self.baseline_fingerprints().await;
         loop {
             let result = AssertUnwindSafe(self.run_loop(&cancel)).catch_unwind().await;
@@ -213,7 +222,7 @@ impl<F: Fetcher> Refresher<F> {
             }
         }
         self.last_forced = Some(now);
-        self.metrics.forced_refreshes_total.inc();
+        self.metrics.forced_refreshes_total.with_label_values(&[&self.set]).inc();
         tracing::info!(generation = wanted, "Upstream answered 401 for the current token; refreshing now");
         let deadline = later(now, self.settings.forced_refresh_timeout);
         loop {
@@ -303,7 +312,7 @@ impl<F: Fetcher> Refresher<F> {
         let now = Instant::now();
         self.metrics
             .token_refresh_duration_seconds
-            .with_label_values(&[&name])
+            .with_label_values(&[&*self.set, &name])
             .observe(now.duration_since(started).as_secs_f64());
         let installed = match result {
             Ok(fetched) => self.on_success(cred, fetched, started, wall_started, now),
@@ -312,7 +321,7 @@ impl<F: Fetcher> Refresher<F> {
                 false
             }
         };
-        self.metrics.set_active_credential(&self.names, self.failover.active());
+        self.metrics.set_active_credential(&self.set, &self.names, self.failover.active());
         installed
     }
 
@@ -352,10 +361,13 @@ impl<F: Fetcher> Refresher<F> {
             }
         };
         self.store.install(token);
-        self.metrics.token_refresh_total.with_label_values(&[name, "success"]).inc();
+        self.metrics.token_refresh_total.with_label_values(&[&*self.set, name, "success"]).inc();
         let expiry_unix = unix_secs(wall_started + fetched.expires_in);
-        self.metrics.token_expiry_timestamp_seconds.set(expiry_unix);
-        self.metrics.token_last_success_timestamp_seconds.set(unix_secs(SystemTime::now()));
+        self.metrics.token_expiry_timestamp_seconds.with_label_values(&[&self.set]).set(expiry_unix);
+        self.metrics
+            .token_last_success_timestamp_seconds
+            .with_label_values(&[&self.set])
+            .set(unix_secs(SystemTime::now()));
         self.failures = 0;
         self.reasons[cred] = None;
         let delay = refresh_after(
@@ -384,7 +396,7 @@ impl<F: Fetcher> Refresher<F> {
 
     fn on_failure(&mut self, cred: usize, err: FetchError, now: Instant) {
         let name = self.names[cred].clone();
-        self.metrics.token_refresh_total.with_label_values(&[&name, "failure"]).inc();
+        self.metrics.token_refresh_total.with_label_values(&[&*self.set, &name, "failure"]).inc();
         self.reasons[cred] = Some(err.summary());
         let was_active = cred == self.failover.active();
         let outcome = err.outcome();
@@ -433,9 +445,9 @@ impl<F: Fetcher> Refresher<F> {
     fn log_switch(&self, from: usize, to: usize, why: &str) {
         self.metrics
             .credential_failovers_total
-            .with_label_values(&[&self.names[from], &self.names[to]])
+            .with_label_values(&[&*self.set, &self.names[from], &self.names[to]])
             .inc();
-        tracing::warn!(from = %self.names[from], to = %self.names[to], reason = why, "Switched credential");
+        tracing::warn!(set = %self.set, from = %self.names[from], to = %self.names[to], reason = why, "Switched credential");
     }
 
     fn unavailable_message(&self) -> String {
@@ -612,7 +624,7 @@ mod tests {
         assert_eq!(r.script.calls().len(), 2);
         at(&r, 3301.0 + 3301.0).await;
         assert_eq!(r.script.calls().len(), 3);
-        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["primary", "success"]).get(), 3);
+        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["default", "primary", "success"]).get(), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -642,7 +654,7 @@ mod tests {
         // back on the normal schedule: nothing more until ~3300 s after the success
         at(&r, t[3] + 3200.0).await;
         assert_eq!(r.script.calls().len(), 4);
-        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["primary", "failure"]).get(), 3);
+        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get(), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -664,16 +676,16 @@ mod tests {
         assert_eq!(r.script.count("backup"), 1);
         assert_eq!(credential(&r), "backup");
         let failovers = &r.metrics.credential_failovers_total;
-        assert_eq!(failovers.with_label_values(&["primary", "backup"]).get(), 1);
-        assert_eq!(r.metrics.active_credential.with_label_values(&["backup"]).get(), 1);
+        assert_eq!(failovers.with_label_values(&["default", "primary", "backup"]).get(), 1);
+        assert_eq!(r.metrics.active_credential.with_label_values(&["default", "backup"]).get(), 1);
         // the primary is probed after failback_after (300 s) and works again
         at(&r, 299.0).await;
         assert_eq!(r.script.count("primary"), 1);
         at(&r, 301.0).await;
         assert_eq!(r.script.count("primary"), 2);
         assert_eq!(credential(&r), "primary");
-        assert_eq!(failovers.with_label_values(&["backup", "primary"]).get(), 1);
-        assert_eq!(r.metrics.active_credential.with_label_values(&["primary"]).get(), 1);
+        assert_eq!(failovers.with_label_values(&["default", "backup", "primary"]).get(), 1);
+        assert_eq!(r.metrics.active_credential.with_label_values(&["default", "primary"]).get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -716,7 +728,7 @@ mod tests {
         r.script.queue("primary", &[Step::Issue(5), Step::Issue(3)]);
         at(&r, 5.0).await;
         assert_eq!(r.script.calls().len(), 3, "two useless tokens, then a good one");
-        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["primary", "failure"]).get(), 2);
+        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get(), 2);
         assert!(r.store.has_usable(Instant::now()));
     }
 
@@ -746,7 +758,7 @@ mod tests {
             assert_eq!(w.await.unwrap().expect("a fresh token").generation(), first + 1);
         }
         assert_eq!(r.script.calls().len(), 2, "200 rejections, one forced refresh");
-        assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
+        assert_eq!(r.metrics.forced_refreshes_total.with_label_values(&["default"]).get(), 1);
         // A second rejection within min_forced_interval is refused, not waited out.
         let before = Instant::now();
         assert!(r.store.replace_rejected(first + 1, Duration::from_secs(10)).await.is_none());
@@ -782,15 +794,15 @@ mod tests {
         // Two round trips, no backoff between a rejection and the switch.
         assert!(waited < Duration::from_millis(110), "{waited:?}");
         assert_eq!((r.script.count("primary"), r.script.count("backup")), (2, 1));
-        assert_eq!(r.metrics.credential_failovers_total.with_label_values(&["primary", "backup"]).get(), 1);
-        assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
+        assert_eq!(r.metrics.credential_failovers_total.with_label_values(&["default", "primary", "backup"]).get(), 1);
+        assert_eq!(r.metrics.forced_refreshes_total.with_label_values(&["default"]).get(), 1);
         // The rate limit still holds: another rejection within min_forced_interval is refused at
         // once, without a fetch.
         let (got, waited) = reject_current(&r).await;
         assert!(got.is_none());
         assert!(waited < Duration::from_millis(10), "{waited:?}");
         assert_eq!(r.script.calls().len(), 3);
-        assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
+        assert_eq!(r.metrics.forced_refreshes_total.with_label_values(&["default"]).get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -806,8 +818,8 @@ mod tests {
         assert_eq!(got.expect("a token from the spare").credential(), "spare");
         assert!(waited < Duration::from_millis(160), "{waited:?}");
         let failovers = &r.metrics.credential_failovers_total;
-        assert_eq!(failovers.with_label_values(&["primary", "backup"]).get(), 1);
-        assert_eq!(failovers.with_label_values(&["backup", "spare"]).get(), 1);
+        assert_eq!(failovers.with_label_values(&["default", "primary", "backup"]).get(), 1);
+        assert_eq!(failovers.with_label_values(&["default", "backup", "spare"]).get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -823,7 +835,7 @@ mod tests {
         let gaps: Vec<f64> = t.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
         assert!((0.49..=1.01).contains(&gaps[0]) && (0.99..=2.01).contains(&gaps[1]), "gaps {gaps:?}");
         assert!(waited >= Duration::from_millis(1500) && waited <= Duration::from_secs(3), "{waited:?}");
-        assert_eq!(r.metrics.forced_refreshes_total.get(), 1);
+        assert_eq!(r.metrics.forced_refreshes_total.with_label_values(&["default"]).get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
