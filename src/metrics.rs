@@ -11,8 +11,8 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::proxy::path::Endpoint;
@@ -99,7 +99,10 @@ impl Metrics {
         let token_refresh_total = register(
             r,
             IntCounterVec::new(
-                Opts::new("sidekey_token_refresh_total", "Token fetches by credential set, credential and result."),
+                Opts::new(
+                    "sidekey_token_refresh_total",
+                    "Token fetches by credential set, credential and result.",
+                ),
                 &["set", "credential", "result"],
             ),
         );
@@ -165,7 +168,10 @@ impl Metrics {
         let client_tokens_total = register(
             r,
             IntCounterVec::new(
-                Opts::new("sidekey_client_tokens_total", "Tokens reported by upstream responses, by client and kind."),
+                Opts::new(
+                    "sidekey_client_tokens_total",
+                    "Tokens reported by upstream responses, by client and kind.",
+                ),
                 &["client", "kind"],
             ),
         );
@@ -495,7 +501,8 @@ mod tests {
         let text = m.render();
         let series = text.lines().filter(|l| l.starts_with("sidekey_credential_failovers_total{")).count();
         assert_eq!(series, 6, "{text}");
-        assert!(text.contains(r#"sidekey_credential_failovers_total{from="backup",set="default",to="primary"} 0"#));
+        assert!(text
+            .contains(r#"sidekey_credential_failovers_total{from="backup",set="default",to="primary"} 0"#));
         let single = Metrics::new(&["primary".into()]).render();
         assert!(!single.contains("sidekey_credential_failovers_total{"), "no pair, no series");
     }
@@ -533,6 +540,8 @@ mod tests {
             PolicyError::EndpointNotAllowed("other"),
             PolicyError::MethodNotAllowed { method: http::Method::PUT, endpoint: "chat_completions" },
             PolicyError::PathParameters,
+            PolicyError::EncodedBody,
+            PolicyError::AmbiguousKey("model".into()),
         ];
         for e in &all {
             match e {
@@ -544,7 +553,9 @@ mod tests {
                 | PolicyError::NotJson
                 | PolicyError::EndpointNotAllowed(_)
                 | PolicyError::MethodNotAllowed { .. }
-                | PolicyError::PathParameters => {}
+                | PolicyError::PathParameters
+                | PolicyError::EncodedBody
+                | PolicyError::AmbiguousKey(_) => {}
             }
             assert!(PolicyError::REASONS.contains(&e.reason()), "{} is not pre-created", e.reason());
         }

@@ -106,26 +106,26 @@ pub async fn serve_on<H, Fut, B>(
             },
         };
         while conns.try_join_next().is_some() {}
-        let permit = match Arc::clone(&limit).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // At the limit: make room by closing the oldest connection that is doing
-                // nothing (a silent socket, or an idle keep-alive), else wait for one to end.
-                if table.evict_oldest_idle() {
-                    tracing::debug!(
-                        listener = settings.name,
-                        "At the connection limit; closed the oldest idle connection"
-                    );
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    permit = Arc::clone(&limit).acquire_owned() => match permit {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                }
+        // At the limit: make room by closing a connection that is doing nothing (a silent
+        // socket first, then the oldest idle keep-alive), else wait for one to end or go idle.
+        let permit = loop {
+            if let Ok(permit) = Arc::clone(&limit).try_acquire_owned() {
+                break Some(permit);
+            }
+            if table.evict_one_idle() {
+                tracing::debug!(
+                    listener = settings.name,
+                    "At the connection limit; closing an idle connection"
+                );
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break None,
+                permit = Arc::clone(&limit).acquire_owned() => break permit.ok(),
+                // A busy connection may have gone idle meanwhile: look again.
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         };
+        let Some(permit) = permit else { break };
         let Some((handle, handler)) = workers.get(next % workers.len().max(1)) else { break };
         next = next.wrapping_add(1);
         // Moved to the worker's own reactor, so its I/O never wakes this thread.
@@ -160,7 +160,8 @@ pub async fn serve_on<H, Fut, B>(
                         Ok::<_, Infallible>(resp.map(|body| TrackedBody { body, _request: request }))
                     }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let io = WriteDeadline::new(TokioIo::new(stream), idle);
+                let conn = builder.serve_connection(io, service).into_owned();
                 if let Err(e) = watch(conn, &state, &stop, first_request, idle).await {
                     tracing::debug!(listener = name, error = %e, "Connection ended with an error");
                 }
@@ -205,6 +206,8 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     let born = state.born;
+    // Validation keeps both positive; a floor keeps a zero from spinning this loop anyway.
+    let (first_request, idle) = (first_request.max(MIN_TIMEOUT), idle.max(MIN_TIMEOUT));
     let timer = tokio::time::sleep(first_request.min(idle));
     let mut timer = std::pin::pin!(timer);
     let mut closing = false;
@@ -216,8 +219,17 @@ where
                 closing = true;
             }
             _ = state.evict.notified(), if !closing => {
-                if state.active.load(Ordering::Acquire) == 0 {
+                if state.requests.load(Ordering::Acquire) == 0 {
+                    // Never sent a request: nothing to be polite about.
                     return Ok(());
+                }
+                if state.active.load(Ordering::Acquire) == 0 {
+                    // An idle keep-alive or HTTP/2 connection: close it cleanly (GOAWAY).
+                    conn.as_mut().shutdown_gracefully();
+                    closing = true;
+                } else {
+                    // Became busy since it was picked: it may be picked again later.
+                    state.evicted.store(false, Ordering::Release);
                 }
             }
             _ = timer.as_mut(), if !closing => {
@@ -246,6 +258,9 @@ where
         }
     }
 }
+
+/// The shortest connection timeout [`watch`] works with.
+const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The one method [`watch`] needs from hyper-util's connection types.
 trait GracefulConnection {
@@ -294,14 +309,20 @@ impl ConnTable {
         self.lock().remove(&state.id);
     }
 
-    /// Asks the oldest connection without a request in flight to close. False if there is none.
-    fn evict_oldest_idle(&self) -> bool {
+    /// Asks one connection without a request in flight to close: the oldest that never sent a
+    /// request, else the oldest idle one. False if there is none.
+    fn evict_one_idle(&self) -> bool {
         let conns = self.lock();
+        let idle =
+            |c: &&Arc<ConnState>| c.active.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Acquire);
         let victim = conns
             .values()
-            .find(|c| c.active.load(Ordering::Acquire) == 0 && !c.evicted.swap(true, Ordering::AcqRel));
+            .filter(idle)
+            .find(|c| c.requests.load(Ordering::Acquire) == 0)
+            .or_else(|| conns.values().find(idle));
         match victim {
             Some(c) => {
+                c.evicted.store(true, Ordering::Release);
                 c.evict.notify_one();
                 true
             }
@@ -379,5 +400,109 @@ impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's IO with a deadline on writes: a client that stops reading (its socket
+    /// buffer, or its HTTP/2 window, full) for `limit` gets its connection closed, so it cannot
+    /// hold a request, its upstream connection and its slot forever. The timer runs only while
+    /// a write is blocked.
+    struct WriteDeadline<T> {
+        #[pin]
+        io: T,
+        limit: Duration,
+        timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+        waiting: bool,
+    }
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(io: T, limit: Duration) -> Self {
+        Self { io, limit: limit.max(MIN_TIMEOUT), timer: None, waiting: false }
+    }
+}
+
+/// Passes a write's result through, or fails it once it has been blocked for `limit`.
+fn write_deadline<R>(
+    polled: std::task::Poll<std::io::Result<R>>,
+    timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    waiting: &mut bool,
+    limit: Duration,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Result<R>> {
+    use std::task::Poll;
+    if polled.is_ready() {
+        *waiting = false;
+        return polled;
+    }
+    let timer = match timer {
+        Some(t) => {
+            if !*waiting {
+                t.as_mut().reset(Instant::now() + limit);
+            }
+            t
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep(limit))),
+    };
+    *waiting = true;
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client stopped reading (server.connection_idle_timeout_secs)",
+        ))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl<T: hyper::rt::Read> hyper::rt::Read for WriteDeadline<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write> hyper::rt::Write for WriteDeadline<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.io.poll_write(cx, buf);
+        write_deadline(polled, this.timer, this.waiting, *this.limit, cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.io.poll_write_vectored(cx, bufs);
+        write_deadline(polled, this.timer, this.waiting, *this.limit, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let polled = this.io.poll_flush(cx);
+        write_deadline(polled, this.timer, this.waiting, *this.limit, cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }

@@ -267,3 +267,45 @@ async fn stalled_streamed_uploads_keep_replay_copies_within_the_budget() {
         cut.as_secs_f64()
     );
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    let iam = FakeIam::start().await;
+    // An endless response: 64 KiB chunks as fast as sidekey takes them.
+    let up = FakeUpstream::start(|_req| async move {
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::repeat_with(move || {
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))
+        });
+        let body = http_body_util::StreamBody::new(stream);
+        let mut resp = http::Response::new(BodyExt::boxed(BodyExt::map_err(body, |e| Box::new(e) as _)));
+        resp.headers_mut().insert("content-type", "application/octet-stream".parse().unwrap());
+        resp
+    })
+    .await;
+    let proc = spawn(&iam, &up.base_url(), "connection_idle_timeout_secs = 1").await;
+    let metrics = format!("http://{}/metrics", proc.admin);
+    let inflight = || async {
+        let text = client().get(&metrics).send().await.unwrap().text().await.unwrap();
+        metric_value(&text, "sidekey_inflight_requests")
+    };
+    let mut s = TcpStream::connect(proc.proxy).await.unwrap();
+    s.write_all(b"GET /v1/files/f/content HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+    let start = Instant::now();
+    while inflight().await < 1.0 {
+        assert!(start.elapsed() < WAIT, "the request never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Now read nothing: the buffers fill, the write blocks, and after a second sidekey gives up.
+    let blocked = Instant::now();
+    while inflight().await > 0.0 {
+        assert!(blocked.elapsed() < Duration::from_secs(15), "a client that never reads holds its request");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "figures: a client that stops reading an endless response: its request and connection freed \
+         after {:.1} s (connection_idle_timeout_secs = 1, plus the time to fill the socket buffers)",
+        blocked.elapsed().as_secs_f64()
+    );
+    drop(s);
+}

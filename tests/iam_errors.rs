@@ -93,7 +93,8 @@ async fn echoed_credentials_never_reach_the_logs() {
         cfg.auth.credentials = vec![credential("primary", KEY_ID, SECRET)];
         let sc = start_sidecar(cfg).await;
         let metrics = sc.metrics.clone();
-        let failed = || metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get();
+        let failed =
+            || metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get();
         eventually(name, || failed() >= 1).await;
         let readyz = client().get(sc.admin_url("/readyz")).send().await.unwrap().text().await.unwrap();
         assert!(!readyz.contains(SECRET) && !readyz.contains(KEY_ID), "{name}: {readyz}");

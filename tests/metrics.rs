@@ -79,8 +79,17 @@ async fn every_readme_family_is_in_the_first_scrape() {
     cfg.auth.credentials.push(credential("backup", BACKUP_KEY, BACKUP_SECRET));
     let text = first_scrape(cfg).await;
     assert_eq!(missing(&text, &families), Vec::<String>::new(), "{text}");
-    assert_eq!(metric_value(&text, r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#), 0.0);
-    assert!(text.contains(r#"sidekey_credential_failovers_total{from="backup",set="default",to="primary"} 0"#), "{text}");
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#
+        ),
+        0.0
+    );
+    assert!(
+        text.contains(r#"sidekey_credential_failovers_total{from="backup",set="default",to="primary"} 0"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]

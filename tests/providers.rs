@@ -153,7 +153,9 @@ async fn oauth2_basic_auth_with_scope_and_audience() {
     assert_eq!(req.form["audience"], "https://api.example");
     assert!(!req.form.contains_key("client_secret"), "Basic auth keeps the secret out of the body");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    assert!((sc.metric(r#"sidekey_token_expiry_timestamp_seconds{set="default"}"#) - now - 300.0).abs() < 10.0);
+    assert!(
+        (sc.metric(r#"sidekey_token_expiry_timestamp_seconds{set="default"}"#) - now - 300.0).abs() < 10.0
+    );
 }
 
 #[tokio::test]
@@ -178,7 +180,10 @@ async fn oauth2_body_auth_and_failover_on_invalid_client() {
     assert_eq!(requests[0].form["client_id"], "client-a");
     assert_eq!(requests[0].form["client_secret"], "secret-a");
     assert!(requests[0].authorization.is_none());
-    assert_eq!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#), 1.0);
+    assert_eq!(
+        sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#),
+        1.0
+    );
 }
 
 #[tokio::test]

@@ -93,12 +93,18 @@ async fn speaks_the_iam_protocol_exactly() {
     assert_eq!(call.secret, PRIMARY_SECRET);
     assert_eq!(call.content_type.as_deref(), Some("application/json"));
     // Metrics moved with the refresh.
-    assert_eq!(sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="success",set="default"}"#), 1.0);
+    assert_eq!(
+        sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="success",set="default"}"#),
+        1.0
+    );
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let expiry = sc.metric(r#"sidekey_token_expiry_timestamp_seconds{set="default"}"#);
     assert!((expiry - (now + 3600.0)).abs() < 10.0, "expiry {expiry} vs now {now}");
     assert!((sc.metric(r#"sidekey_token_last_success_timestamp_seconds{set="default"}"#) - now).abs() < 10.0);
-    assert_eq!(sc.metric(r#"sidekey_token_refresh_duration_seconds_count{credential="primary",set="default"}"#), 1.0);
+    assert_eq!(
+        sc.metric(r#"sidekey_token_refresh_duration_seconds_count{credential="primary",set="default"}"#),
+        1.0
+    );
     assert_eq!(sc.metric(r#"sidekey_active_credential{credential="primary",set="default"}"#), 1.0);
 }
 
@@ -210,7 +216,10 @@ async fn iam_down_at_startup_then_back() {
     assert!(back.elapsed() < Duration::from_secs(2), "recovered after {:?}", back.elapsed());
     assert_eq!(c.get(sc.admin_url("/readyz")).send().await.unwrap().status(), 200);
     assert_eq!(c.post(sc.url("/v1/chat/completions")).body("{}").send().await.unwrap().status(), 200);
-    assert!(sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="failure",set="default"}"#) >= 2.0);
+    assert!(
+        sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="failure",set="default"}"#)
+            >= 2.0
+    );
 }
 
 #[tokio::test]
@@ -234,7 +243,8 @@ async fn iam_outage_shorter_than_the_token_life_is_invisible() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let failures = sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="failure",set="default"}"#);
+    let failures =
+        sc.metric(r#"sidekey_token_refresh_total{credential="primary",result="failure",set="default"}"#);
     println!(
         "figures: short IAM outage: sent={sent} failed=0 refresh_failures={failures} expired_seen={}",
         seen.expired.load(Ordering::Relaxed)
@@ -327,7 +337,10 @@ async fn primary_rejected_backup_takes_over_then_failback() {
         status_and_json(c.post(sc.url("/v1/embeddings")).body("{}").send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert_eq!(who(json), BACKUP_KEY);
-    assert_eq!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#), 1.0);
+    assert_eq!(
+        sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#),
+        1.0
+    );
     assert_eq!(sc.metric(r#"sidekey_active_credential{credential="backup",set="default"}"#), 1.0);
     assert_eq!(sc.metric(r#"sidekey_active_credential{credential="primary",set="default"}"#), 0.0);
 
@@ -372,7 +385,10 @@ async fn primary_revoked_mid_run_without_failed_requests() {
         "figures: primary revoked mid-run: sent={sent} failed=0 failovers={}",
         sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#)
     );
-    assert_eq!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#), 1.0);
+    assert_eq!(
+        sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#),
+        1.0
+    );
     assert!(iam.calls_for(BACKUP_KEY) >= 1);
     assert_eq!(seen.expired.load(Ordering::Relaxed), 0);
 }
@@ -406,7 +422,9 @@ async fn revoked_primary_the_request_that_discovers_it_succeeds() {
         assert_eq!(who(json), BACKUP_KEY);
     }
     assert_eq!(seen.rejected_on_purpose.load(Ordering::Relaxed), 1, "only the discovering request saw a 401");
-    assert!(sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#) >= 1.0);
+    assert!(
+        sc.metric(r#"sidekey_credential_failovers_total{from="primary",set="default",to="backup"}"#) >= 1.0
+    );
     assert_eq!(sc.metric(r#"sidekey_forced_refreshes_total{set="default"}"#), 1.0);
     assert_eq!(sc.metric("sidekey_request_replays_total"), 1.0);
 }

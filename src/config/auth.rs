@@ -171,13 +171,13 @@ impl AuthConfig {
         let a = self;
         if a.provider == Provider::Oauth2ClientCredentials && a.token_url == DEFAULT_TOKEN_URL {
             return Err(ConfigError::invalid(
-                &format!("{prefix}.token_url"),
+                format!("{prefix}.token_url"),
                 "set it to your OAuth2 server's token endpoint (the default is Cloud.ru IAM's)",
             ));
         }
         if a.provider != Provider::Oauth2ClientCredentials && (a.scope.is_some() || a.audience.is_some()) {
             return Err(ConfigError::invalid(
-                &format!("{prefix}.scope"),
+                format!("{prefix}.scope"),
                 "scope and audience apply to oauth2_client_credentials only",
             ));
         }
@@ -190,14 +190,14 @@ impl AuthConfig {
         positive(&format!("{prefix}.failback_after_secs"), a.failback_after_secs)?;
         if a.refresh_before_secs <= a.expiry_margin_secs {
             return Err(ConfigError::invalid(
-                &format!("{prefix}.refresh_before_secs"),
+                format!("{prefix}.refresh_before_secs"),
                 format!("must be greater than {prefix}.expiry_margin_secs, or tokens would expire before their refresh"),
             ));
         }
         positive(&format!("{prefix}.forced_refresh_timeout_secs"), a.forced_refresh_timeout_secs)?;
         if a.backoff_max_ms < a.backoff_initial_ms {
             return Err(ConfigError::invalid(
-                &format!("{prefix}.backoff_max_ms"),
+                format!("{prefix}.backoff_max_ms"),
                 format!("must be at least {prefix}.backoff_initial_ms"),
             ));
         }
@@ -272,7 +272,9 @@ impl AuthConfig {
         for (key, value) in secs {
             at_most(&format!("{prefix}.{key}"), value, MAX_DURATION_SECS, "seconds (one year)")?;
         }
-        for (key, value) in [("backoff_initial_ms", a.backoff_initial_ms), ("backoff_max_ms", a.backoff_max_ms)] {
+        for (key, value) in
+            [("backoff_initial_ms", a.backoff_initial_ms), ("backoff_max_ms", a.backoff_max_ms)]
+        {
             at_most(&format!("{prefix}.{key}"), value, MAX_DURATION_SECS * 1000, "ms (one year)")?;
         }
         Ok(())

@@ -59,11 +59,17 @@ pub fn parse_base_url(key: &str, value: &str) -> Result<Uri, ConfigError> {
     let Some(authority) = uri.authority() else {
         return Err(ConfigError::invalid(key, format!("{shown:?} has no host")));
     };
-    if authority.as_str().contains('@') {
+    // Anywhere: an unencoded password with a `/` moves the `@` into what parses as the path.
+    if authority.as_str().contains('@') || value.contains('@') {
         return Err(ConfigError::invalid(
             key,
             format!("{shown:?} must not carry user info (put credentials in [auth], never in a URL)"),
         ));
+    }
+    let port =
+        authority.as_str().rsplit_once(':').map(|(_, p)| p).filter(|_| !authority.as_str().ends_with(']'));
+    if port.is_some() && authority.port_u16().is_none() {
+        return Err(ConfigError::invalid(key, format!("{shown:?} has a port that is not a number")));
     }
     if uri.query().is_some() || value.contains('#') {
         return Err(ConfigError::invalid(key, format!("{shown:?} must not have a query or fragment")));
@@ -71,30 +77,34 @@ pub fn parse_base_url(key: &str, value: &str) -> Result<Uri, ConfigError> {
     Ok(uri)
 }
 
-/// A URL for error messages: userinfo, query and fragment replaced by `[redacted]`.
+/// A URL for error messages: userinfo, query and fragment replaced by `[redacted]`. The
+/// userinfo ends at the last `@` (an unencoded password may hold `/`, `?` or `#`).
 pub fn redact_url(value: &str) -> String {
     let redacted = crate::secret::REDACTED;
-    let (head, had_tail) = match value.find(['?', '#']) {
-        Some(i) => (&value[..i], true),
-        None => (value, false),
+    let (scheme, rest) = match value.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, value),
     };
-    let mut out = match head.split_once("://") {
-        Some((scheme, rest)) => {
-            let end = rest.find('/').unwrap_or(rest.len());
-            match rest[..end].rfind('@') {
-                Some(at) => format!("{scheme}://{redacted}@{}", &rest[at + 1..]),
-                None => head.to_string(),
-            }
+    let mut out = String::new();
+    if let Some(scheme) = scheme {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    let rest = match rest.rfind('@') {
+        Some(at) => {
+            out.push_str(redacted);
+            out.push('@');
+            &rest[at + 1..]
         }
-        None => match head.rfind('@') {
-            Some(at) => format!("{redacted}@{}", &head[at + 1..]),
-            None => head.to_string(),
-        },
+        None => rest,
     };
-    if had_tail {
-        out.push_str(if value[head.len()..].starts_with('?') { "?" } else { "#" });
-        out.push_str(redacted);
+    match rest.find(['?', '#']) {
+        Some(i) => {
+            out.push_str(&rest[..i]);
+            out.push_str(&rest[i..i + 1]);
+            out.push_str(redacted);
+        }
+        None => out.push_str(rest),
     }
     out
 }
-

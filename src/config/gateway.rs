@@ -83,7 +83,10 @@ pub(super) fn validate_sets(auth: &AuthConfig) -> Result<(), ConfigError> {
             return Err(ConfigError::invalid(prefix, "\"default\" is the name of [auth] itself"));
         }
         if !is_label(name) {
-            return Err(ConfigError::invalid(prefix, "set names take letters, digits, '-', '_' and '.' only"));
+            return Err(ConfigError::invalid(
+                prefix,
+                "set names take letters, digits, '-', '_' and '.' only",
+            ));
         }
         if !set.sets.is_empty() {
             return Err(ConfigError::invalid(format!("{prefix}.sets"), "sets cannot be nested"));
@@ -100,7 +103,8 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
     for (i, r) in config.routes.iter().enumerate() {
         let key = |field: &str| format!("routes[{i}].{field}");
         let p = r.prefix.as_str();
-        let bad_char = p.bytes().any(|b| matches!(b, b'?' | b'#' | b'%' | b';' | b'\\') || !b.is_ascii_graphic());
+        let bad_char =
+            p.bytes().any(|b| matches!(b, b'?' | b'#' | b'%' | b';' | b'\\') || !b.is_ascii_graphic());
         let dot = p.split('/').any(|s| s == "." || s == "..");
         if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') || p.contains("//") || bad_char || dot {
             return Err(ConfigError::invalid(
@@ -134,7 +138,8 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         if !names.insert(c.name.as_str()) {
             return Err(ConfigError::invalid(key("name"), format!("duplicate client name {:?}", c.name)));
         }
-        let digests = client_digests(c).map_err(|(field, reason)| ConfigError::invalid(key(field), reason))?;
+        let digests =
+            client_digests(c).map_err(|(field, reason)| ConfigError::invalid(key(field), reason))?;
         if digests.is_empty() {
             return Err(ConfigError::invalid(
                 key("keys_file"),
@@ -146,14 +151,20 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
                 if other != i {
                     return Err(ConfigError::invalid(
                         key("name"),
-                        format!("a key of client {:?} is also a key of client {:?}", c.name, config.clients[other].name),
+                        format!(
+                            "a key of client {:?} is also a key of client {:?}",
+                            c.name, config.clients[other].name
+                        ),
                     ));
                 }
             }
         }
         if let Some(set) = &c.credentials {
             if !known_set(set) {
-                return Err(ConfigError::invalid(key("credentials"), format!("no credential set named {set:?}")));
+                return Err(ConfigError::invalid(
+                    key("credentials"),
+                    format!("no credential set named {set:?}"),
+                ));
             }
         }
         if let Some(p) = &c.policy {
@@ -163,7 +174,10 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
     let cc = &config.caller_credentials;
     if cc.enabled {
         let set = sets(config).get(cc.provider_of.as_str()).copied().ok_or_else(|| {
-            ConfigError::invalid("caller_credentials.provider_of", format!("no credential set named {:?}", cc.provider_of))
+            ConfigError::invalid(
+                "caller_credentials.provider_of",
+                format!("no credential set named {:?}", cc.provider_of),
+            )
         })?;
         if set.provider != Provider::CloudruIam {
             return Err(ConfigError::invalid(
@@ -176,7 +190,12 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
         positive("caller_credentials.max_fetches_per_sec", u64::from(cc.max_fetches_per_sec))?;
     }
     at_most("caller_credentials.max_entries", cc.max_entries as u64, MAX_COUNT, "")?;
-    at_most("caller_credentials.idle_evict_secs", cc.idle_evict_secs, MAX_DURATION_SECS, "seconds (one year)")?;
+    at_most(
+        "caller_credentials.idle_evict_secs",
+        cc.idle_evict_secs,
+        MAX_DURATION_SECS,
+        "seconds (one year)",
+    )?;
     at_most("caller_credentials.max_fetches_per_sec", u64::from(cc.max_fetches_per_sec), 100_000, "")?;
     let s = &config.server;
     if !s.listen.ip().is_loopback() && config.clients.is_empty() && !s.open_proxy {
@@ -195,7 +214,8 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
 
 /// Every credential set by name: `default` (`[auth]`) and `[auth.sets.*]`.
 pub fn sets(config: &Config) -> BTreeMap<&str, &AuthConfig> {
-    let mut out: BTreeMap<&str, &AuthConfig> = config.auth.sets.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out: BTreeMap<&str, &AuthConfig> =
+        config.auth.sets.iter().map(|(k, v)| (k.as_str(), v)).collect();
     out.insert(DEFAULT_SET, &config.auth);
     out
 }
@@ -245,5 +265,7 @@ fn parse_digest(hex: &str) -> Option<[u8; 32]> {
 
 /// Safe as a metric label value and a log field.
 fn is_label(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }

@@ -27,8 +27,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use self::auth::{AuthConfig, ClientAuth, CredentialConfig, FilePolicy, Provider, DEFAULT_TOKEN_URL};
-pub use self::check::{parse_base_url, redact_url, MAX_DURATION_SECS};
 use self::check::{at_most, MAX_COUNT};
+pub use self::check::{parse_base_url, redact_url, MAX_DURATION_SECS};
 pub use self::gateway::{CallerCredentialsConfig, ClientConfig, RouteConfig, DEFAULT_SET};
 pub use self::observe::{LogConfig, LogFormat, MetricsConfig, UsageConfig};
 pub use self::policy::{MaxTokensMode, PolicyConfig, DEFAULT_POLICY_ENDPOINTS};
@@ -146,6 +146,14 @@ impl Config {
             ));
         }
         self.policy.validate("policy", self.server.max_request_body_bytes)?;
+        let policy_bodies =
+            std::iter::once(&self.policy).chain(self.clients.iter().filter_map(|c| c.policy.as_ref()));
+        if policy_bodies.map(|p| p.max_body_bytes).max().unwrap_or(0) > self.server.max_buffered_bytes {
+            return Err(ConfigError::invalid(
+                "server.max_buffered_bytes",
+                "must be at least policy.max_body_bytes (of every policy), or those bodies would always get 503",
+            ));
+        }
         gateway::validate(self)?;
         self.validate_ranges()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
@@ -185,7 +193,6 @@ impl Config {
         }
         Ok(())
     }
-
 
     /// The config as TOML with every secret replaced by `[redacted]`.
     pub fn to_redacted_toml(&self) -> String {

@@ -57,4 +57,3 @@ pub enum LogFormat {
     Text,
     Json,
 }
-

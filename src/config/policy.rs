@@ -80,7 +80,10 @@ impl PolicyConfig {
             }
         }
         if p.max_choices == Some(0) {
-            return Err(ConfigError::invalid(&format!("{prefix}.max_choices"), "must be at least 1 (or unset)"));
+            return Err(ConfigError::invalid(
+                format!("{prefix}.max_choices"),
+                "must be at least 1 (or unset)",
+            ));
         }
         positive(&format!("{prefix}.max_body_bytes"), p.max_body_bytes)?;
         if let Some(n) = p.max_inflight {
@@ -89,7 +92,7 @@ impl PolicyConfig {
         }
         if p.max_body_bytes > max_request_body {
             return Err(ConfigError::invalid(
-                &format!("{prefix}.max_body_bytes"),
+                format!("{prefix}.max_body_bytes"),
                 "must not exceed server.max_request_body_bytes",
             ));
         }

@@ -122,6 +122,15 @@ impl ServerConfig {
         }
         positive("server.max_request_body_bytes", s.max_request_body_bytes)?;
         positive("server.header_read_timeout_secs", s.header_read_timeout_secs)?;
+        positive("server.connection_idle_timeout_secs", s.connection_idle_timeout_secs)?;
+        positive("server.body_read_timeout_secs", s.body_read_timeout_secs)?;
+        positive("server.admin_max_connections", s.admin_max_connections as u64)?;
+        if s.max_buffered_bytes < s.replay_buffer_bytes {
+            return Err(ConfigError::invalid(
+                "server.max_buffered_bytes",
+                "must be at least server.replay_buffer_bytes, or no upload could ever be replayed",
+            ));
+        }
         positive("server.max_connections", s.max_connections as u64)?;
         positive("server.max_headers", s.max_headers as u64)?;
         if s.worker_threads == Some(0) {

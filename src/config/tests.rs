@@ -90,6 +90,9 @@ fn url_errors_redact_userinfo_and_query() {
         ("not a url?key=SEKRIT123", "SEKRIT123"),
         ("https://host/v1#frag=SEKRIT123", "SEKRIT123"),
         ("user:p4ssw0rd@host", "p4ssw0rd"),
+        ("http://user:pa/ss@host/v1", "ss@"),
+        ("http://user:p?ss@host", "p?ss"),
+        ("http://user:p#ss@host/v1", "p#ss"),
     ] {
         let err = parse_base_url("upstream.base_url", url).unwrap_err().to_string();
         assert!(!err.contains(leaked), "{err}");
@@ -240,37 +243,83 @@ fn gateway_sections_are_checked_by_name() {
     std::fs::write(&keys, "# billing\nsk-billing-1\n\nsk-shared\n").unwrap();
     let base = || {
         let mut c = with_credential();
-        let mut set = AuthConfig::default();
-        set.credentials = c.auth.credentials.clone();
+        let set = AuthConfig { credentials: c.auth.credentials.clone(), ..Default::default() };
         c.auth.sets.insert("team-b".into(), set);
-        c.clients.push(ClientConfig { name: "billing".into(), keys_file: Some(keys.clone()), credentials: Some("team-b".into()), ..Default::default() });
-        c.routes.push(RouteConfig { prefix: "/ml/v1".into(), base_url: "https://ml.example/v1".into(), credentials: "team-b".into() });
+        c.clients.push(ClientConfig {
+            name: "billing".into(),
+            keys_file: Some(keys.clone()),
+            credentials: Some("team-b".into()),
+            ..Default::default()
+        });
+        c.routes.push(RouteConfig {
+            prefix: "/ml/v1".into(),
+            base_url: "https://ml.example/v1".into(),
+            credentials: "team-b".into(),
+        });
         c
     };
     base().validate().unwrap();
     type Tweak = Box<dyn Fn(&mut Config)>;
     let cases: Vec<(&str, Tweak)> = vec![
-        ("auth.sets.team-b.credentials", Box::new(|c| c.auth.sets.get_mut("team-b").unwrap().credentials.clear())),
-        ("auth.sets.default", Box::new(|c| { let s = c.auth.sets["team-b"].clone(); c.auth.sets.insert("default".into(), s); })),
+        (
+            "auth.sets.team-b.credentials",
+            Box::new(|c| c.auth.sets.get_mut("team-b").unwrap().credentials.clear()),
+        ),
+        (
+            "auth.sets.default",
+            Box::new(|c| {
+                let s = c.auth.sets["team-b"].clone();
+                c.auth.sets.insert("default".into(), s);
+            }),
+        ),
         ("routes[0].credentials", Box::new(|c| c.routes[0].credentials = "nope".into())),
         ("routes[0].prefix", Box::new(|c| c.routes[0].prefix = "/ml/../v1".into())),
         ("routes[0].prefix", Box::new(|c| c.routes[0].prefix = "ml".into())),
         ("routes[0].base_url", Box::new(|c| c.routes[0].base_url = "https://u:SEKRIT@ml.example/v1".into())),
         ("clients[0].credentials", Box::new(|c| c.clients[0].credentials = Some("nope".into()))),
         ("clients[0].name", Box::new(|c| c.clients[0].name = "caller".into())),
-        ("clients[1].name", Box::new(|c| { let mut d = c.clients[0].clone(); d.name = "other".into(); d.credentials = None; c.clients.push(d); })),
+        (
+            "clients[1].name",
+            Box::new(|c| {
+                let mut d = c.clients[0].clone();
+                d.name = "other".into();
+                d.credentials = None;
+                c.clients.push(d);
+            }),
+        ),
         ("clients[0].key_sha256", Box::new(|c| c.clients[0].key_sha256 = vec!["abc".into()])),
-        ("clients[0].keys_file", Box::new(|c| { c.clients[0].keys_file = None; })),
-        ("clients[0].policy.allowed_endpoints[5]", Box::new(|c| { let mut p = PolicyConfig::default(); p.allowed_endpoints.push("x".into()); c.clients[0].policy = Some(p); })),
+        (
+            "clients[0].keys_file",
+            Box::new(|c| {
+                c.clients[0].keys_file = None;
+            }),
+        ),
+        (
+            "clients[0].policy.allowed_endpoints[5]",
+            Box::new(|c| {
+                let mut p = PolicyConfig::default();
+                p.allowed_endpoints.push("x".into());
+                c.clients[0].policy = Some(p);
+            }),
+        ),
         ("policy.max_inflight", Box::new(|c| c.policy.max_inflight = Some(4))),
-        ("caller_credentials.provider_of", Box::new(|c| { c.caller_credentials.enabled = true; c.caller_credentials.provider_of = "nope".into(); })),
+        (
+            "caller_credentials.provider_of",
+            Box::new(|c| {
+                c.caller_credentials.enabled = true;
+                c.caller_credentials.provider_of = "nope".into();
+            }),
+        ),
     ];
     for (key, tweak) in cases {
         let mut c = base();
         tweak(&mut c);
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains(key), "{key}: {err}");
-        assert!(!err.contains("SEKRIT") && !err.contains("sk-billing-1") && !err.contains("sk-shared"), "{err}");
+        assert!(
+            !err.contains("SEKRIT") && !err.contains("sk-billing-1") && !err.contains("sk-shared"),
+            "{err}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -279,8 +328,16 @@ fn gateway_sections_are_checked_by_name() {
 fn a_key_shared_by_two_clients_is_refused_even_as_a_digest() {
     let mut c = with_credential();
     let hex: String = digest_of_hex("sk-one");
-    c.clients.push(ClientConfig { name: "a".into(), key_sha256: vec![hex.as_str().into()], ..Default::default() });
-    c.clients.push(ClientConfig { name: "b".into(), key_sha256: vec![hex.to_uppercase().as_str().into()], ..Default::default() });
+    c.clients.push(ClientConfig {
+        name: "a".into(),
+        key_sha256: vec![hex.as_str().into()],
+        ..Default::default()
+    });
+    c.clients.push(ClientConfig {
+        name: "b".into(),
+        key_sha256: vec![hex.to_uppercase().as_str().into()],
+        ..Default::default()
+    });
     let err = c.validate().unwrap_err().to_string();
     assert!(err.contains("clients[1].name") && err.contains("\"a\""), "{err}");
 }

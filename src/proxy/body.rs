@@ -50,8 +50,9 @@ pub struct BodyShared {
     stalled: AtomicBool,
     /// The replay copy was given up because `server.max_buffered_bytes` was spent.
     over_budget: AtomicBool,
-    /// The `model` the JSON body names, found while it streamed up.
-    model: OnceLock<String>,
+    /// The `model` the JSON body names, found while it streamed up. Shared on its own, so the
+    /// request guard can read it without keeping the replay copy alive.
+    model: Arc<OnceLock<String>>,
 }
 
 impl BodyShared {
@@ -70,9 +71,9 @@ impl BodyShared {
         self.over_budget.load(Ordering::Relaxed)
     }
 
-    /// The model the request body names, if it was looked for and found.
-    pub fn model(&self) -> Option<&str> {
-        self.model.get().map(String::as_str)
+    /// Where the model the request body names lands, if it is looked for and found.
+    pub fn model(&self) -> Arc<OnceLock<String>> {
+        Arc::clone(&self.model)
     }
 
     /// True if reading the body from the client failed (it went away, or sent a bad body).
@@ -344,7 +345,7 @@ pub struct RequestGuard {
     /// The model the request named, for responses that do not say.
     request_model: Option<String>,
     /// Where the request body's own `model` lands when it was sniffed while streaming.
-    body: Option<Arc<BodyShared>>,
+    sniffed_model: Option<Arc<OnceLock<String>>>,
 }
 
 /// Fields of the access log line, collected only when `log.access = true`.
@@ -377,13 +378,13 @@ impl RequestGuard {
             slot: None,
             usage: None,
             request_model: None,
-            body: None,
+            sniffed_model: None,
         }
     }
 
-    /// The request body whose sniffed `model` serves when the response names none.
-    pub fn watch_body(&mut self, body: Arc<BodyShared>) {
-        self.body = Some(body);
+    /// Where the request body's sniffed `model` lands; it serves when the response names none.
+    pub fn watch_model(&mut self, model: Arc<OnceLock<String>>) {
+        self.sniffed_model = Some(model);
     }
 
     /// Scans the response body for token usage.
@@ -417,7 +418,7 @@ impl Drop for RequestGuard {
         let elapsed = self.start.elapsed();
         self.metrics.inflight_requests.dec();
         if let Some(scanner) = self.usage.take() {
-            let sniffed = self.body.as_deref().and_then(BodyShared::model);
+            let sniffed = self.sniffed_model.as_deref().and_then(|m| m.get().map(String::as_str));
             self.metrics.record_usage(&scanner.finish(), self.request_model.as_deref().or(sniffed));
         }
         self.metrics.request_duration(self.endpoint).observe(elapsed.as_secs_f64());

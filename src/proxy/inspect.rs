@@ -52,6 +52,10 @@ pub enum PolicyError {
     MethodNotAllowed { method: http::Method, endpoint: &'static str },
     #[error("path parameters (';') are refused while a request policy applies")]
     PathParameters,
+    #[error("compressed request bodies (Content-Encoding) are refused while a request policy applies")]
+    EncodedBody,
+    #[error("the request body repeats the key '{0}' (or spells it another way); the request policy refuses ambiguous bodies")]
+    AmbiguousKey(String),
 }
 
 impl PolicyError {
@@ -61,7 +65,10 @@ impl PolicyError {
             PolicyError::ModelNotAllowed(_) | PolicyError::ModelMissing => "model_not_allowed",
             PolicyError::MaxTokensExceeded { .. } => "max_tokens_exceeded",
             PolicyError::ChoicesExceeded { .. } => "max_choices_exceeded",
-            PolicyError::BadMaxTokens(_) | PolicyError::NotJson => "invalid_body",
+            PolicyError::BadMaxTokens(_)
+            | PolicyError::NotJson
+            | PolicyError::EncodedBody
+            | PolicyError::AmbiguousKey(_) => "invalid_body",
             PolicyError::EndpointNotAllowed(_) => "endpoint_not_allowed",
             PolicyError::MethodNotAllowed { .. } => "method_not_allowed",
             PolicyError::PathParameters => "path_parameters",
@@ -86,6 +93,7 @@ impl PolicyError {
                 http::StatusCode::FORBIDDEN
             }
             PolicyError::MethodNotAllowed { .. } => http::StatusCode::METHOD_NOT_ALLOWED,
+            PolicyError::EncodedBody => http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
             _ => http::StatusCode::BAD_REQUEST,
         }
     }
@@ -134,7 +142,14 @@ impl Policy {
 
     /// Whether a request may be forwarded at all, judged from its method, endpoint and raw
     /// path, before its body is read.
-    pub fn admit(&self, method: &http::Method, endpoint: Endpoint, path: &str) -> Result<(), PolicyError> {
+    pub fn admit(
+        &self,
+        method: &http::Method,
+        endpoint: Endpoint,
+        path: &str,
+        has_body: bool,
+        content_encoding: Option<&[u8]>,
+    ) -> Result<(), PolicyError> {
         if !self.enforces() {
             return Ok(());
         }
@@ -146,11 +161,24 @@ impl Policy {
         if path.contains(';') || (path.contains('%') && lower_has_semicolon()) {
             return Err(PolicyError::PathParameters);
         }
-        if matches!(*method, http::Method::PUT | http::Method::PATCH) && self.reads_body(endpoint) {
-            return Err(PolicyError::MethodNotAllowed {
-                method: method.clone(),
-                endpoint: endpoint.as_str(),
-            });
+        if self.reads_body(endpoint) {
+            // Only an exact POST has its body checked; any other method must carry none, or an
+            // upstream that upper-cases methods (or honours an override header) would act on a
+            // body nobody judged.
+            let bodiless = matches!(*method, http::Method::GET | http::Method::HEAD | http::Method::DELETE);
+            let admitted = *method == http::Method::POST || (bodiless && !has_body);
+            if !admitted {
+                return Err(PolicyError::MethodNotAllowed {
+                    method: method.clone(),
+                    endpoint: endpoint.as_str(),
+                });
+            }
+            // Compressed bytes are not what upstream will read.
+            if *method == http::Method::POST
+                && content_encoding.is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"))
+            {
+                return Err(PolicyError::EncodedBody);
+            }
         }
         Ok(())
     }
@@ -169,6 +197,9 @@ impl Policy {
 
     /// Applies the rules to a request body for `endpoint`.
     pub fn inspect(&self, endpoint: Endpoint, body: &[u8]) -> Result<Verdict, PolicyError> {
+        if self.enforces() {
+            unambiguous(body)?;
+        }
         let mut json: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(map)) => map,
             _ if self.enforces() => return Err(PolicyError::NotJson),
@@ -186,12 +217,31 @@ impl Policy {
         }
         let mut changed = false;
         if let Some(limit) = self.max_choices {
+            // Several prompts multiply the output like `n` does.
+            let prompts = match json.get("prompt") {
+                Some(Value::Array(items)) if endpoint == Endpoint::Completions => {
+                    let many = items.iter().all(|i| i.is_string() || i.is_array());
+                    if many {
+                        items.len() as u64
+                    } else {
+                        1
+                    }
+                }
+                _ => 1,
+            };
             for field in ["n", "best_of"] {
                 let Some(value) = json.get(field).filter(|v| !v.is_null()) else { continue };
                 let n = value.as_u64().ok_or(PolicyError::BadMaxTokens(field))?;
-                if n > limit {
-                    return Err(PolicyError::ChoicesExceeded { field, value: n, limit });
+                if n.saturating_mul(prompts) > limit {
+                    return Err(PolicyError::ChoicesExceeded {
+                        field,
+                        value: n.saturating_mul(prompts),
+                        limit,
+                    });
                 }
+            }
+            if prompts > limit {
+                return Err(PolicyError::ChoicesExceeded { field: "prompt", value: prompts, limit });
             }
         }
         if let Some(limit) = self.max_tokens {
@@ -236,6 +286,61 @@ impl Policy {
         }
         let body = serde_json::to_vec(&json).map_err(|_| PolicyError::NotJson)?;
         Ok(Verdict::Rewritten { body: Bytes::from(body), model })
+    }
+}
+
+/// The fields the policy judges. Upstreams disagree on duplicate keys (first or last wins) and
+/// Go's JSON decoder matches keys case-insensitively (folding `ſ` to `s` and `K` to `k`), so a
+/// body that repeats one of these, or spells it another way, could mean something else there.
+const POLICED: [&str; 8] = [
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+    "stream",
+    "stream_options",
+];
+
+/// Refuses a top-level object with a repeated key, or a key that folds to a policed field
+/// without being it.
+fn unambiguous(body: &[u8]) -> Result<(), PolicyError> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Result<(), PolicyError>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                map.next_value::<IgnoredAny>()?;
+                let folded: String = key
+                    .chars()
+                    .map(|c| match c {
+                        '\u{17F}' => 's',
+                        '\u{212A}' => 'k',
+                        c => c.to_ascii_lowercase(),
+                    })
+                    .collect();
+                let policed = POLICED.contains(&folded.as_str());
+                if !seen.insert(key.to_string()) || (policed && folded != key) {
+                    return Ok(Err(PolicyError::AmbiguousKey(if policed {
+                        folded
+                    } else {
+                        "(a key)".into()
+                    })));
+                }
+            }
+            Ok(Ok(()))
+        }
+    }
+    match serde_json::Deserializer::from_slice(body).deserialize_map(Keys) {
+        Ok(verdict) => verdict,
+        // Not an object: the full parse below says so.
+        Err(_) => Ok(()),
     }
 }
 
@@ -298,24 +403,74 @@ mod tests {
         let p = policy(&["GigaChat/*"], Some(100), MaxTokensMode::Reject, true, false);
         let post = http::Method::POST;
         for e in [Endpoint::Images, Endpoint::Audio, Endpoint::Files, Endpoint::Other] {
-            assert_eq!(p.admit(&post, e, "/v1/x").unwrap_err(), PolicyError::EndpointNotAllowed(e.as_str()));
+            assert_eq!(
+                p.admit(&post, e, "/v1/x", true, None).unwrap_err(),
+                PolicyError::EndpointNotAllowed(e.as_str())
+            );
         }
-        assert_eq!(p.admit(&post, Endpoint::Other, "/v1/batches").unwrap_err().status(), 403);
-        assert!(p.admit(&http::Method::GET, Endpoint::Models, "/v1/models").is_ok());
-        assert!(p.admit(&post, Endpoint::ChatCompletions, "/v1/chat/completions").is_ok());
+        assert_eq!(p.admit(&post, Endpoint::Other, "/v1/batches", true, None).unwrap_err().status(), 403);
+        assert!(p.admit(&http::Method::GET, Endpoint::Models, "/v1/models", false, None).is_ok());
+        assert!(p.admit(&post, Endpoint::ChatCompletions, "/v1/chat/completions", true, None).is_ok());
         for path in ["/v1/chat/completions;x", "/v1/chat/completions%3Bx", "/v1/chat;a/completions"] {
             assert_eq!(
-                p.admit(&post, Endpoint::ChatCompletions, path).unwrap_err(),
+                p.admit(&post, Endpoint::ChatCompletions, path, true, None).unwrap_err(),
                 PolicyError::PathParameters
             );
         }
         for method in [http::Method::PUT, http::Method::PATCH] {
-            let err = p.admit(&method, Endpoint::ChatCompletions, "/v1/chat/completions").unwrap_err();
+            let err =
+                p.admit(&method, Endpoint::ChatCompletions, "/v1/chat/completions", true, None).unwrap_err();
             assert_eq!(err.status(), 405, "{err}");
         }
+        // lower-case or other methods with a body, and GET with a body, are refused; bodiless
+        // GET and DELETE pass
+        for (method, has_body) in [("post", true), ("GET", true), ("OPTIONS", false), ("patch", true)] {
+            let m = http::Method::from_bytes(method.as_bytes()).unwrap();
+            let err =
+                p.admit(&m, Endpoint::ChatCompletions, "/v1/chat/completions", has_body, None).unwrap_err();
+            assert_eq!(err.status(), 405, "{method}");
+        }
+        for m in [http::Method::GET, http::Method::DELETE] {
+            assert!(p.admit(&m, Endpoint::ChatCompletions, "/v1/chat/completions/abc", false, None).is_ok());
+        }
+        let gz = p.admit(&post, Endpoint::ChatCompletions, "/v1/chat/completions", true, Some(b"gzip"));
+        assert_eq!(gz.unwrap_err().status(), 415);
         // a lone include_stream_usage rewrite is not a policy that refuses anything
         let usage_only = policy(&[], None, MaxTokensMode::Reject, true, true);
-        assert!(usage_only.admit(&post, Endpoint::Other, "/v1/batches;x").is_ok());
+        assert!(usage_only.admit(&post, Endpoint::Other, "/v1/batches;x", true, None).is_ok());
+    }
+
+    #[test]
+    fn ambiguous_bodies_are_refused() {
+        let p = policy(&["GigaChat/*"], Some(100), MaxTokensMode::Reject, true, false);
+        for body in [
+            &br#"{"model":"GigaChat/x","Model":"Qwen/Qwen3"}"#[..],
+            br#"{"model":"Qwen/Qwen3","model":"GigaChat/x"}"#,
+            br#"{"model":"GigaChat/x","max_tokens":10,"MAX_TOKENS":100000}"#,
+            "{\"model\":\"GigaChat/x\",\"max_token\u{17F}\":100000}".as_bytes(),
+            br#"{"model":"GigaChat/x","messages":[],"messages":[]}"#,
+        ] {
+            let err = p.inspect(Endpoint::ChatCompletions, body).unwrap_err();
+            assert!(matches!(err, PolicyError::AmbiguousKey(_)), "{}: {err}", String::from_utf8_lossy(body));
+        }
+        // nested keys may repeat the names
+        assert!(p
+            .inspect(
+                Endpoint::ChatCompletions,
+                br#"{"model":"GigaChat/x","metadata":{"Model":"a","model":"b"}}"#
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn several_prompts_count_as_choices() {
+        let p = Policy::new(&PolicyConfig { max_tokens: Some(100), ..Default::default() }, false);
+        let err = p.inspect(Endpoint::Completions, br#"{"model":"m","prompt":["a","b","c"]}"#).unwrap_err();
+        assert!(matches!(err, PolicyError::ChoicesExceeded { field: "prompt", value: 3, limit: 1 }), "{err}");
+        // one prompt given as token ids is one prompt
+        assert!(p.inspect(Endpoint::Completions, br#"{"model":"m","prompt":[1,2,3]}"#).is_ok());
+        // embeddings inputs are not generations
+        assert!(p.inspect(Endpoint::Embeddings, br#"{"model":"m","input":["a","b"]}"#).is_ok());
     }
 
     #[test]

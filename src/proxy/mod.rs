@@ -209,7 +209,9 @@ impl Proxy {
             PathError::NotFound => ProxyError::NotFound { listen: settings.listen.clone() },
             PathError::Traversal => ProxyError::BadPath,
         })?;
-        if let Err(e) = settings.policy.admit(req.method(), endpoint, req.uri().path()) {
+        let has_body = !http_body::Body::is_end_stream(req.body());
+        let encoding = req.headers().get(http::header::CONTENT_ENCODING).map(|v| v.as_bytes());
+        if let Err(e) = settings.policy.admit(req.method(), endpoint, req.uri().path(), has_body, encoding) {
             inner.metrics.policy_rejections_total.with_label_values(&[e.reason()]).inc();
             return Err(ProxyError::Policy(e));
         }
@@ -264,7 +266,7 @@ impl Proxy {
             Outgoing::Streaming(incoming) => {
                 let sniff_model = settings.usage_scan && endpoint.carries_usage() && is_json(&parts.headers);
                 if sniff_model {
-                    guard.watch_body(Arc::clone(&shared));
+                    guard.watch_model(shared.model());
                 }
                 let body_settings = RequestBodySettings {
                     limit: settings.max_body,
@@ -340,15 +342,13 @@ impl Proxy {
         if declared.is_some_and(|len| len > limit) {
             return Err(too_large());
         }
+        // Bytes are reserved as they arrive, not as declared: silent clients declaring large
+        // bodies hold nothing.
         let mut reservation = settings.buffer.reservation();
         let full = |m: &Metrics| {
             m.buffer_exhausted_total.with_label_values(&["policy"]).inc();
             ProxyError::BufferFull
         };
-        // Reserve what the client declared up front, so a refusal comes before any byte is read.
-        if !reservation.ensure(declared.unwrap_or(0)) {
-            return Err(full(&self.inner.metrics));
-        }
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut size = 0u64;
         // The whole read, not each piece: a client trickling a byte at a time must not hold its
@@ -498,7 +498,7 @@ impl BrowserGuard<'_> {
         let allowed = host.is_some_and(|h| {
             is_loopback_name(h)
                 || (self.hosts == HostRule::IpLiteral && is_ip_literal(h))
-                || self.allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(h))
+                || self.allowed_hosts.iter().any(|a| unbracket(a).eq_ignore_ascii_case(unbracket(h)))
         });
         if !allowed {
             return Err(match self.hosts {
@@ -510,6 +510,12 @@ impl BrowserGuard<'_> {
         }
         Ok(())
     }
+}
+
+/// `[fd00::1]` and `fd00::1` alike: HTTP/1's Host keeps the brackets, HTTP/2's authority too,
+/// and a config may have either.
+fn unbracket(host: &str) -> &str {
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 fn is_ip_literal(host: &str) -> bool {

@@ -173,8 +173,11 @@ fn escapes(path: &str) -> bool {
             return true;
         }
         match percent_decode_once(&current) {
-            // A NUL truncates paths in C-based servers.
-            Some(decoded) if decoded.contains(&0) => return true,
+            // A NUL truncates paths in C-based servers; URL parsers strip tab and newlines (so
+            // `.%09.` can become `..`); bytes that are not UTF-8 include overlong dots
+            // (`%c0%ae`) that old servers decode as `.`.
+            Some(decoded) if decoded.iter().any(|&b| b < 0x20 || b == 0x7f) => return true,
+            Some(decoded) if std::str::from_utf8(&decoded).is_err() => return true,
             Some(decoded) => current = std::borrow::Cow::Owned(decoded),
             None => return false,
         }
@@ -201,6 +204,18 @@ fn percent_decode_once(bytes: &[u8]) -> Option<Vec<u8>> {
                 continue;
             }
         }
+        // IIS's `%u002e`.
+        if bytes[i] == b'%' && i + 5 < bytes.len() && bytes[i + 1].eq_ignore_ascii_case(&b'u') {
+            let code =
+                bytes[i + 2..i + 6].iter().try_fold(0u32, |acc, &b| hex(b).map(|d| acc << 4 | u32::from(d)));
+            if let Some(c) = code.and_then(char::from_u32) {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                i += 6;
+                changed = true;
+                continue;
+            }
+        }
         out.push(bytes[i]);
         i += 1;
     }
@@ -219,7 +234,9 @@ fn has_dot_piece(bytes: &[u8]) -> bool {
         &normalised[..]
     };
     bytes.split(|&b| b == b'/' || b == b'\\').any(|piece| {
-        let piece = piece.split(|&b| b == b';').next().unwrap_or_default();
+        // `;` ends a segment for servlet containers; a decoded `?` or `#` ends the path for a
+        // server that decodes, then parses again.
+        let piece = piece.split(|&b| matches!(b, b';' | b'?' | b'#')).next().unwrap_or_default();
         piece == b"." || piece == b".."
     })
 }
@@ -234,6 +251,7 @@ fn normalise_lookalikes(bytes: &[u8]) -> Vec<u8> {
             '\u{2025}' => out.push_str(".."),
             '\u{FF0F}' => out.push('/'),
             '\u{FF3C}' | '\u{FE68}' => out.push('\\'),
+            '\u{037E}' | '\u{FE54}' | '\u{FF1B}' => out.push(';'),
             c => out.push(c),
         }
     }
@@ -353,6 +371,14 @@ mod tests {
             "/v1/a\u{FF0F}..",
             "/v1/models/GigaChat%2F..%2F..%2Fadmin",
             "/v1/%2525252525252525252e",
+            "/v1/.%09./admin",
+            "/v1/..%0a/x",
+            "/v1/models/..%3F",
+            "/v1/models/..%23",
+            "/v1/%c0%ae%c0%ae/admin",
+            "/v1/%u002e%u002e/admin",
+            "/v1/..%CD%BE/admin",
+            "/v1/..%7f",
         ] {
             assert_eq!(strip_prefix(p), Err(PathError::Traversal), "{p}");
         }

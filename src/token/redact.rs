@@ -147,8 +147,18 @@ fn sensitive(word: &str, needles: &Needles) -> bool {
         || runs().any(|r| r.len() >= TOKEN_RUN)
         || runs()
             .flat_map(|r| r.split(['.', '~']))
+            // `auth=azE6czNj`: an `=` that is not trailing padding separates, not pads.
+            .flat_map(|r| {
+                let body = r.trim_end_matches('=');
+                let pad = &r[body.len()..];
+                let mut parts: Vec<String> = body.split('=').map(str::to_string).collect();
+                if let Some(last) = parts.last_mut() {
+                    last.push_str(pad);
+                }
+                parts
+            })
             .filter(|r| r.len() >= BASE64_RUN)
-            .filter_map(base64_decode)
+            .filter_map(|r| base64_decode(&r))
             .any(|bytes| needles.shared_by(&decode(&String::from_utf8_lossy(&bytes))))
 }
 
@@ -327,6 +337,7 @@ mod tests {
             ("HTML entities", format!("bad secret {} for {}", html_entities(SECRET), html_entities(ID))),
             ("HTML hex entities", SECRET.chars().map(|c| format!("&#x{:x};", c as u32)).collect()),
             ("short Basic", format!("Authorization: Basic {basic}")),
+            ("Basic after =", format!("got auth={basic}")),
             ("Basic of the form-encoded pair", format!("header was Basic:{basic_form}.")),
             ("Basic, URL-safe unpadded", basic.replace('+', "-").replace('/', "_").replace('=', "")),
             ("partial", format!("{}...", &SECRET[..9])),

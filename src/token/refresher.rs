@@ -624,7 +624,10 @@ mod tests {
         assert_eq!(r.script.calls().len(), 2);
         at(&r, 3301.0 + 3301.0).await;
         assert_eq!(r.script.calls().len(), 3);
-        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["default", "primary", "success"]).get(), 3);
+        assert_eq!(
+            r.metrics.token_refresh_total.with_label_values(&["default", "primary", "success"]).get(),
+            3
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -654,7 +657,10 @@ mod tests {
         // back on the normal schedule: nothing more until ~3300 s after the success
         at(&r, t[3] + 3200.0).await;
         assert_eq!(r.script.calls().len(), 4);
-        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get(), 3);
+        assert_eq!(
+            r.metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get(),
+            3
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -728,7 +734,10 @@ mod tests {
         r.script.queue("primary", &[Step::Issue(5), Step::Issue(3)]);
         at(&r, 5.0).await;
         assert_eq!(r.script.calls().len(), 3, "two useless tokens, then a good one");
-        assert_eq!(r.metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get(), 2);
+        assert_eq!(
+            r.metrics.token_refresh_total.with_label_values(&["default", "primary", "failure"]).get(),
+            2
+        );
         assert!(r.store.has_usable(Instant::now()));
     }
 
@@ -794,7 +803,10 @@ mod tests {
         // Two round trips, no backoff between a rejection and the switch.
         assert!(waited < Duration::from_millis(110), "{waited:?}");
         assert_eq!((r.script.count("primary"), r.script.count("backup")), (2, 1));
-        assert_eq!(r.metrics.credential_failovers_total.with_label_values(&["default", "primary", "backup"]).get(), 1);
+        assert_eq!(
+            r.metrics.credential_failovers_total.with_label_values(&["default", "primary", "backup"]).get(),
+            1
+        );
         assert_eq!(r.metrics.forced_refreshes_total.with_label_values(&["default"]).get(), 1);
         // The rate limit still holds: another rejection within min_forced_interval is refused at
         // once, without a fetch.
