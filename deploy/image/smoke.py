@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -381,7 +382,7 @@ class SecretVolume:
             if not os.path.islink(link):
                 os.symlink(os.path.join("..data", top), link)
         if old:
-            subprocess.run(["rm", "-rf", os.path.join(self.root, old)], check=True)
+            shutil.rmtree(os.path.join(self.root, old))
 
 
 # ---------------------------------------------------------------------------------------------

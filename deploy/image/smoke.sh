@@ -141,7 +141,8 @@ done < <(ldd "$BIN")
 if [ "${#libs[@]}" -eq 0 ]; then
   die "ldd listed no shared libraries for $BIN (a static binary needs no smoke image of this kind)"
 fi
-say "image contents: $DEST ($(du -h "$BIN" | cut -f1)) + ${libs[*]}"
+mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1e6 }'; }
+say "image contents: $DEST ($(mb "$(stat -c %s "$BIN")")) + ${libs[*]} ($(mb "$(cat "${libs[@]}" | wc -c)"))"
 
 t0=$SECONDS
 if ! "${BUILDAH[@]}" bud "${BUILD_FLAGS[@]}" --identity-label=false --pull=never --quiet \
@@ -150,7 +151,7 @@ if ! "${BUILDAH[@]}" bud "${BUILD_FLAGS[@]}" --identity-label=false --pull=never
   die "buildah bud failed (log above)"
 fi
 SIZE=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
-say "built $IMAGE with buildah in $((SECONDS - t0))s: $(awk -v b="$SIZE" 'BEGIN { printf "%.1f", b / 1e6 }') MB ($SIZE bytes)"
+say "built $IMAGE with buildah in $((SECONDS - t0))s: $(mb "$SIZE") ($SIZE bytes)"
 
 "${PODMAN[@]}" image inspect "$IMAGE" >"$WORK/inspect.json"
 python3 "$HERE/smoke.py" check-image "$WORK/facts.json" "$WORK/inspect.json" \
