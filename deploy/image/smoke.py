@@ -537,10 +537,14 @@ class Run:
             ("auth", "token_url"): f'"http://127.0.0.1:{iam_port}/api/v1/auth/token"',
             ("auth", "credential_poll_secs"): "1",
         })
+        # A ConfigMap volume: 0644 files (the default mode), read-only.
         conf_dir = os.path.join(a.work, "config")
-        os.makedirs(conf_dir, mode=0o755)
-        with open(os.path.join(conf_dir, os.path.basename(config_path)), "w") as f:
+        conf_file = os.path.join(conf_dir, os.path.basename(config_path))
+        os.makedirs(conf_dir)
+        with open(conf_file, "w") as f:
             f.write(cfg)
+        os.chmod(conf_dir, 0o755)
+        os.chmod(conf_file, 0o644)
         creds = tomllib.loads(cfg)["auth"]["credentials"]
         files = [cr[k] for cr in creds for k in ("key_id_file", "secret_file")]
         # Mounted where the manifest mounts the credential volume, as a directory (never subPath).
