@@ -2,7 +2,7 @@
 # Builds sidekey's runtime image and runs it under a real container engine (podman with runc),
 # the way the Kubernetes manifests run it, against a fake IAM and a fake upstream on the host.
 #
-#   bash deploy/image/smoke.sh          # from anywhere; needs root (rootful podman), ~4 min
+#   bash deploy/image/smoke.sh          # from anywhere; needs root (rootful podman), ~2.5 min
 #
 # The image is the Dockerfile's runtime stage rebuilt FROM scratch, because no registry (and so
 # no rust or distroless base image) is reachable from our machines: the release binary built as
