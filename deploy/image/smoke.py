@@ -32,6 +32,9 @@ import tomllib
 VERBATIM = {"ARG", "LABEL", "USER", "EXPOSE", "ENTRYPOINT", "CMD", "ENV", "WORKDIR", "STOPSIGNAL"}
 BINARY_SOURCE = "/src/target/release/sidekey"
 IMAGE_UID = 65532
+# The slow stream of the shutdown check: long enough that SIGTERM, /readyz 503 and the drain all
+# happen while it is in flight, even on a busy machine.
+SLOW_CHUNKS, SLOW_DELAY = 16, 0.5
 
 
 class Failed(Exception):
@@ -299,7 +302,7 @@ class Fakes:
                                      "message": {"role": "assistant", "content": "pong"}}],
                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
                 # A slow stream ("smoke/slow") outlives a SIGTERM sent after its first chunk.
-                count, delay = (10, 0.5) if req["model"] == "smoke/slow" else (3, 0.0)
+                count, delay = (SLOW_CHUNKS, SLOW_DELAY) if req["model"] == "smoke/slow" else (3, 0.0)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
@@ -508,69 +511,89 @@ class Run:
 
     def main(self):
         a = self.a
-        spec, c = sidekey_container(a.deployment)
+        spec, self.container = sidekey_container(a.deployment)
         grace = spec.get("terminationGracePeriodSeconds", 30)
-        memory = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+        memory = ((self.container.get("resources") or {}).get("limits") or {}).get("memory")
         inspect = json.loads(self.engine("image", "inspect", a.image).stdout)[0]["Config"]
-        config_path = config_arg(inspect["Cmd"])
+        self.check_version(inspect)
+        self.prepare(config_arg(inspect["Cmd"]))
+        to_ready = self.start(memory)
+        self.check_process(memory)
+        self.check_requests()
+        self.check_rotation()
+        self.check_shutdown(grace)
+        self.check_logs()
+        print(f"image size: {a.image_size / 1e6:.1f} MB ({a.image_size} bytes); "
+              f"time from podman run to ready: {to_ready * 1000:.0f} ms", flush=True)
 
-        # The binary starts in the image at all (and the engine can run a container here).
-        p = self.engine("run", "--rm", "--pull", "never", "--network", "none", a.image, "--version", check=False)
+    def check_version(self, inspect):
+        """The binary starts in the image at all, and the engine can run a container here."""
+        p = self.engine("run", "--rm", "--pull", "never", "--network", "none", self.a.image, "--version",
+                        check=False)
         if p.returncode != 0:
             err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise Failed(f"the container engine cannot run the image on this machine (podman run "
                          f"exited {p.returncode}): {err}")
-        label = inspect["Labels"].get("org.opencontainers.image.version")
+        label = (inspect.get("Labels") or {}).get("org.opencontainers.image.version")
         need(p.stdout.strip() == f"sidekey {label}", "image runs",
              f"`sidekey --version` in the image printed {p.stdout.strip()!r}, the version label is {label!r}")
-        ok("image runs", f"`{a.image} --version` -> {p.stdout.strip()} (= its version label)")
+        ok("image runs", f"`{self.a.image} --version` -> {p.stdout.strip()} (= its version label)")
 
-        # Fakes, ports, config, credentials.
+    def prepare(self, config_path):
+        """Fakes, ports, the test config and the credential volume."""
+        a = self.a
         iam_port, upstream_port = self.fakes.start()
-        proxy_port, admin_port = free_port(), free_port()
+        self.proxy_port, self.admin_port = free_port(), free_port()
         with open(a.config) as f:
             shipped = f.read()
         cfg = set_toml(shipped, {
-            ("server", "listen"): f'"127.0.0.1:{proxy_port}"',
-            ("server", "admin_listen"): f'"127.0.0.1:{admin_port}"',
+            ("server", "listen"): f'"127.0.0.1:{self.proxy_port}"',
+            ("server", "admin_listen"): f'"127.0.0.1:{self.admin_port}"',
             ("upstream", "base_url"): f'"http://127.0.0.1:{upstream_port}/v1"',
             ("auth", "token_url"): f'"http://127.0.0.1:{iam_port}/api/v1/auth/token"',
             ("auth", "credential_poll_secs"): "1",
         })
-        # A ConfigMap volume: 0644 files (the default mode), read-only.
-        conf_dir = os.path.join(a.work, "config")
-        conf_file = os.path.join(conf_dir, os.path.basename(config_path))
-        os.makedirs(conf_dir)
+        # A ConfigMap volume: 0644 files (the default mode), mounted read-only.
+        self.config_mount = (os.path.join(a.work, "config"), os.path.dirname(config_path))
+        conf_file = os.path.join(self.config_mount[0], os.path.basename(config_path))
+        os.makedirs(self.config_mount[0])
         with open(conf_file, "w") as f:
             f.write(cfg)
-        os.chmod(conf_dir, 0o755)
+        os.chmod(self.config_mount[0], 0o755)
         os.chmod(conf_file, 0o644)
+
         creds = tomllib.loads(cfg)["auth"]["credentials"]
-        files = [cr[k] for cr in creds for k in ("key_id_file", "secret_file")]
+        files = [cr.get(k) for cr in creds for k in ("key_id_file", "secret_file")]
+        need(all(files), "test config", f"every credential in {a.config} must come from key_id_file and secret_file")
         # Mounted where the manifest mounts the credential volume, as a directory (never subPath).
-        roots = [m["mountPath"] for m in c.get("volumeMounts") or []
+        roots = [m["mountPath"] for m in self.container.get("volumeMounts") or []
                  if all(p.startswith(m["mountPath"].rstrip("/") + "/") for p in files)]
         need(roots, "test config", f"no volumeMount of the sidekey container holds all of {files}")
-        secret_root = roots[0]
-
-        def rel(path):
-            return os.path.relpath(path, secret_root)
-
-        values = {}
+        self.secret_root = roots[0]
+        self.values = {}
+        self.primary_files = [os.path.relpath(creds[0][k], self.secret_root) for k in ("key_id_file", "secret_file")]
         for cr in creds:
-            key_id, secret = f"smoke-{cr['name']}-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
-            self.fakes.credentials[key_id] = secret
-            values[rel(cr["key_id_file"])], values[rel(cr["secret_file"])] = key_id, secret
-            self.redact += [key_id, secret]
-        primary = values[rel(creds[0]["key_id_file"])]
-        volume = SecretVolume(os.path.join(a.work, "secrets"), IMAGE_UID)
-        volume.write(values)
-        ok("test config", f"{a.config} with server.listen 127.0.0.1:{proxy_port}, admin_listen "
-                          f"127.0.0.1:{admin_port}, upstream.base_url and auth.token_url on the fakes "
+            rel = [os.path.relpath(cr[k], self.secret_root) for k in ("key_id_file", "secret_file")]
+            self.values.update(zip(rel, self.new_credential(cr["name"])))
+        self.primary = self.values[self.primary_files[0]]
+        self.volume = SecretVolume(os.path.join(a.work, "secrets"), IMAGE_UID)
+        self.volume.write(self.values)
+        ok("test config", f"{a.config} with server.listen 127.0.0.1:{self.proxy_port}, admin_listen "
+                          f"127.0.0.1:{self.admin_port}, upstream.base_url and auth.token_url on the fakes "
                           f"(:{upstream_port}, :{iam_port}), auth.credential_poll_secs 1; "
-                          f"{len(files)} credential files 0440 root:{IMAGE_UID} under {secret_root}")
+                          f"{len(files)} credential files 0440 root:{IMAGE_UID} under {self.secret_root}")
 
-        # Run as the manifests do.
+    def new_credential(self, name):
+        """A random key id and secret that the fake IAM accepts; never printed."""
+        key_id, secret = f"smoke-{name}-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
+        with self.fakes.lock:
+            self.fakes.credentials[key_id] = secret
+        self.redact += [key_id, secret]
+        return key_id, secret
+
+    def start(self, memory):
+        """Runs the container as the manifests do; returns the seconds from `podman run` to ready."""
+        a = self.a
         run = ["run", "-d", "--name", a.name, "--pull", "never",
                # The fakes are on the host's loopback; in a pod, sidekey and the app share the
                # pod's loopback the same way.
@@ -584,8 +607,8 @@ class Run:
                "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
         if memory:
             run += ["--memory", memory.replace("Mi", "m").replace("Gi", "g")]
-        run += ["-v", f"{conf_dir}:{os.path.dirname(config_path)}:ro",
-                "-v", f"{volume.root}:{secret_root}:ro", a.image]
+        run += ["-v", "{}:{}:ro".format(*self.config_mount),
+                "-v", f"{self.volume.root}:{self.secret_root}:ro", a.image]
         t_run = time.monotonic()
         self.started = True
         self.engine(*run)
@@ -596,41 +619,45 @@ class Run:
             if time.monotonic() - last_check[0] > 1:
                 last_check[0] = time.monotonic()
                 st = self.state()
-                need(st.startswith("running"), "readyz", f"container is {st}, not running")
-            return http_get(admin_port, "/readyz", timeout=2)[0] == 200
+                need(st.startswith("running"), "/readyz 200", f"container is {st}, not running")
+            return http_get(self.admin_port, "/readyz", timeout=2)[0] == 200
 
         wait_for("/readyz 200", 60, ready)
         to_ready = time.monotonic() - t_run
         ok("/readyz 200", f"{to_ready * 1000:.0f} ms after `podman run` (which itself returned after "
                           f"{(t_started - t_run) * 1000:.0f} ms)")
-        status, body = http_get(admin_port, "/healthz")
+        status, body = http_get(self.admin_port, "/healthz")
         need(status == 200, "/healthz", f"status {status}: {body.strip()}")
+        return to_ready
 
-        self.check_process(memory)
+    def last_upstream_key_id(self, title):
+        """The keyId whose token the upstream saw on the last request; fails on anything else."""
+        with self.fakes.lock:
+            path, auth = self.fakes.seen[-1] if self.fakes.seen else (None, None)
+        need(path == "/v1/chat/completions", title, f"upstream saw {path}")
+        key_id = self.fakes.key_id_of(auth)
+        need(key_id is not None, title, "upstream saw an Authorization header that is no token of the fake IAM")
+        return key_id
 
-        # A chat completion and a streamed one, with the IAM's token injected.
-        def carried(title, key_id):
-            with self.fakes.lock:
-                path, auth = self.fakes.seen[-1]
-            need(path == "/v1/chat/completions", title, f"upstream saw {path}")
-            got = self.fakes.key_id_of(auth)
-            need(got is not None, title, "upstream saw an Authorization header that is no token of the fake IAM")
-            need(got == key_id, title, "upstream saw a token issued for another credential")
-
-        status, body = chat(proxy_port, "GigaChat/GigaChat-2-Max", stream=False)
+    def check_requests(self):
+        """A chat completion and a streamed one with the IAM's token injected, then /metrics."""
+        title = "chat completion"
+        status, body = chat(self.proxy_port, "GigaChat/GigaChat-2-Max", stream=False)
         need(status == 200 and isinstance(body, dict) and body["choices"][0]["message"]["content"] == "pong",
-             "chat completion", f"status {status}, body {str(body)[:200]}")
-        carried("chat completion", primary)
-        ok("chat completion", "200 through the proxy port; upstream got the fake IAM's token for the primary, not the client's key")
+             title, f"status {status}, body {str(body)[:200]}")
+        need(self.last_upstream_key_id(title) == self.primary, title, "upstream saw a token issued for another credential")
+        ok(title, "200 through the proxy port; upstream got the fake IAM's token for the primary, not the client's key")
 
-        status, events = chat(proxy_port, "GigaChat/GigaChat-2-Max", stream=True)
+        title = "streamed chat completion"
+        status, events = chat(self.proxy_port, "GigaChat/GigaChat-2-Max", stream=True)
         need(status == 200 and isinstance(events, list) and len(events) == 4 and events[-1] == "[DONE]",
-             "streamed chat completion", f"status {status}, events {str(events)[:200]}")
-        carried("streamed chat completion", primary)
-        ok("streamed chat completion", f"{len(events) - 1} chunks + [DONE], with the IAM's token")
+             title, f"status {status}, events {str(events)[:200]}")
+        need(self.last_upstream_key_id(title) == self.primary, title, "upstream saw a token issued for another credential")
+        ok(title, f"{len(events) - 1} chunks + [DONE], with the IAM's token")
 
-        status, text = http_get(admin_port, "/metrics")
+        status, text = http_get(self.admin_port, "/metrics")
         need(status == 200, "/metrics", f"status {status}")
+
         def counter(name, label):
             return sum(int(v) for v in re.findall(rf'^{name}\{{[^}}]*{label}[^}}]*\}} (\d+)$', text, re.M))
 
@@ -641,35 +668,27 @@ class Run:
         ok("/metrics", f"{len(text.splitlines())} lines; {refreshes} successful refresh(es), "
                        f"{requests} proxied 200s counted")
 
-        # Rotation: new key id and secret for the primary, swapped in like a Secret update.
-        rotated, rotated_secret = f"smoke-rotated-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
-        self.fakes.credentials[rotated] = rotated_secret
-        self.redact += [rotated, rotated_secret]
-        values[rel(creds[0]["key_id_file"])] = rotated
-        values[rel(creds[0]["secret_file"])] = rotated_secret
-        t_rot = time.monotonic()
-        volume.write(values)
-        def issued_rotated():
+    def check_rotation(self):
+        """A new key id and secret for the primary, swapped in as the kubelet updates a Secret."""
+        rotated = self.new_credential("rotated")
+        self.values.update(zip(self.primary_files, rotated))
+        t0 = time.monotonic()
+        self.volume.write(self.values)
+
+        def issued():
             with self.fakes.lock:
-                return rotated in self.fakes.tokens.values()
+                return rotated[0] in self.fakes.tokens.values()
 
-        wait_for("the fake IAM issues a token for the rotated credential", 30, issued_rotated, interval=0.1)
-        t_iam = time.monotonic() - t_rot
+        wait_for("the fake IAM issues a token for the rotated credential", 30, issued, interval=0.1)
+        t_iam = time.monotonic() - t0
 
-        def uses_rotated():
-            status, _ = chat(proxy_port, "GigaChat/GigaChat-2-Max", stream=False)
-            with self.fakes.lock:
-                auth = self.fakes.seen[-1][1]
-            return status == 200 and self.fakes.key_id_of(auth) == rotated
+        def used():
+            status, _ = chat(self.proxy_port, "GigaChat/GigaChat-2-Max", stream=False)
+            return status == 200 and self.last_upstream_key_id("credential rotation") == rotated[0]
 
-        wait_for("upstream gets the token of the rotated credential", 10, uses_rotated, interval=0.2)
+        wait_for("upstream gets the token of the rotated credential", 10, used, interval=0.2)
         ok("credential rotation", f"..data swapped; the fake IAM got the new keyId after {t_iam:.1f}s "
                                   "and the upstream its token; no restart")
-
-        self.check_shutdown(proxy_port, admin_port, grace)
-        self.check_logs()
-        print(f"image size: {a.image_size / 1e6:.1f} MB ({a.image_size} bytes); "
-              f"time from podman run to ready: {to_ready * 1000:.0f} ms", flush=True)
 
     def check_process(self, memory):
         title = "container process as the manifests run it"
@@ -698,7 +717,8 @@ class Run:
                   f"read-only root with no writable mount{', memory limit ' + memory if memory else ''}; "
                   f"RSS {status['VmRSS'].split()[0]} kB")
 
-    def check_shutdown(self, proxy_port, admin_port, grace):
+    def check_shutdown(self, grace):
+        proxy_port, admin_port = self.proxy_port, self.admin_port
         title = "podman stop (SIGTERM) while a stream is in flight"
         chunks = threading.Event()
         result = {}
@@ -725,8 +745,8 @@ class Run:
         need(not t.is_alive(), title, "the stream did not finish")
         need("e" not in result, title, f"the stream failed: {result.get('e')!r}")
         status, events = result["r"]
-        need(status == 200 and len(events) == 11 and events[-1] == "[DONE]", title,
-             f"the stream was cut: status {status}, {len(events)} of 11 events")
+        need(status == 200 and len(events) == SLOW_CHUNKS + 1 and events[-1] == "[DONE]", title,
+             f"the stream was cut: status {status}, {len(events)} of {SLOW_CHUNKS + 1} events")
         try:
             _, err = stop.communicate(timeout=grace + 15)
         except subprocess.TimeoutExpired:
