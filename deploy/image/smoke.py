@@ -26,6 +26,8 @@ import threading
 import time
 import tomllib
 
+import yaml
+
 # The runtime stage's instructions that a FROM scratch build reproduces verbatim. Anything else
 # (RUN, ADD, another COPY, VOLUME, HEALTHCHECK, ...) would make the smoke image differ from the
 # real one, so it fails the check until this script learns to mirror it.
@@ -142,8 +144,6 @@ def containerfile(dockerfile, context, facts_out):
 # The built image against the Dockerfile and the manifests
 # ---------------------------------------------------------------------------------------------
 def sidekey_container(deployment):
-    import yaml
-
     with open(deployment) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     for d in docs:
@@ -202,8 +202,6 @@ def check_image(facts_path, inspect_path, deployment, toml_path):
          f"no volumeMount (without subPath) at {config_dir}: the image reads {config_path}")
     volume = next((v for v in spec.get("volumes") or [] if v["name"] == mounts[config_dir]["name"]), {})
     cm_name = (volume.get("configMap") or {}).get("name")
-    import yaml
-
     with open(os.path.join(os.path.dirname(deployment), "kustomization.yaml")) as f:
         kustomization = yaml.safe_load(f)
     generated = {}
