@@ -2,7 +2,8 @@
 # Builds sidekey's runtime image and runs it under a real container engine (podman with runc),
 # the way the Kubernetes manifests run it, against a fake IAM and a fake upstream on the host.
 #
-#   bash deploy/image/smoke.sh          # from anywhere; needs root (rootful podman), ~2.5 min
+#   bash deploy/image/smoke.sh          # from anywhere; root (rootful podman); 2-4 min, mostly
+#                                       # the release build
 #
 # The image is the Dockerfile's runtime stage rebuilt FROM scratch, because no registry (and so
 # no rust or distroless base image) is reachable from our machines: the release binary built as
@@ -52,8 +53,9 @@ for tool in podman buildah runc; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   say "setup: installing ${missing[*]} (Debian)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get update -qq || die "apt-get update failed; install ${missing[*]} by hand"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    die "apt-get install ${missing[*]} failed; install them by hand"
 fi
 if ! python3 -c 'import yaml' 2>/dev/null; then
   say "setup: installing PyYAML (PyPI), to read deploy/base/deployment.yaml"
