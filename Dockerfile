@@ -3,8 +3,11 @@
 #   docker build -t sidekey:0.1.0 --build-arg VERSION=0.1.0 .
 #
 # Two stages: compile with the official Rust image, run on distroless (no shell, no package
-# manager, uid 65532). This file is not built in CI (no container engine on our CI machines); it
-# is reviewed by hand and linted by .ci/validate-deploy.sh (hadolint).
+# manager, uid 65532). CI cannot pull these base images (no registry), so it builds this file's
+# runtime stage FROM scratch instead (the release binary and the libraries ldd lists, every other
+# runtime instruction copied from here) and runs it as the manifests do: deploy/image/smoke.sh.
+# It fails on any runtime-stage instruction it cannot mirror. .ci/validate-deploy.sh lints this
+# file (hadolint); .ci/rust-version.sh checks the rust pin below against Cargo.toml.
 #
 # The image needs a config: mount one at /etc/sidekey/sidekey.toml (see deploy/), or replace the
 # CMD, e.g. `docker run ... sidekey:0.1.0 --config /path/in/container.toml`.
