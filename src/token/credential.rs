@@ -31,7 +31,7 @@ impl Credentials {
 /// Reading a credential failed. Never carries the value.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
