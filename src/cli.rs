@@ -20,10 +20,17 @@ usage:
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Run { config: Option<PathBuf> },
-    Check { config: Option<PathBuf> },
-    Dev { config: Option<PathBuf> },
-    Mint(MintArgs),
+    Run {
+        config: Option<PathBuf>,
+    },
+    Check {
+        config: Option<PathBuf>,
+    },
+    Dev {
+        config: Option<PathBuf>,
+    },
+    /// Boxed: the flags outweigh every other command.
+    Mint(Box<MintArgs>),
     Help,
     Version,
 }
@@ -132,7 +139,7 @@ fn parse_mint(args: impl Iterator<Item = OsString>) -> Result<Command, UsageErro
         }
     }
     mint.secret_file = secret_file.ok_or(UsageError::Required("--secret-file"))?;
-    Ok(Command::Mint(mint))
+    Ok(Command::Mint(Box::new(mint)))
 }
 
 #[cfg(test)]
@@ -188,8 +195,8 @@ mod tests {
             jti: Some("k-1".into()),
             ..MintArgs::new("key")
         };
-        assert_eq!(got, Ok(Command::Mint(want)));
-        assert_eq!(p(&["mint", "--secret-file=k"], None), Ok(Command::Mint(MintArgs::new("k"))));
+        assert_eq!(got, Ok(Command::Mint(Box::new(want))));
+        assert_eq!(p(&["mint", "--secret-file=k"], None), Ok(Command::Mint(Box::new(MintArgs::new("k")))));
         assert_eq!(p(&["mint", "--help"], None), Ok(Command::Help));
     }
 

@@ -173,7 +173,8 @@ mod tests {
     fn errors_name_the_key() {
         let dir = tempdir();
         let good = with_secret(dir.path());
-        let cases: Vec<(&str, Box<dyn Fn(&mut SignedKeysConfig)>)> = vec![
+        type Change = Box<dyn Fn(&mut SignedKeysConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("signed_keys.hs256_secret_file", Box::new(|c| c.hs256_secret_file = None)),
             ("signed_keys.hs256_secret_file", Box::new(|c| c.public_key_file = Some("/x".into()))),
             (

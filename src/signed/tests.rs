@@ -178,18 +178,18 @@ fn rotation_of_the_hs256_secret() {
     let v = Verifier::new(&config).unwrap();
     let (old, new) = (hs256(SECRET_A, &claims()), hs256(SECRET_B, &claims()));
     assert_eq!(v.verify(&new, NOW), Err(SignedKeyError::BadSignature));
-    assert_eq!(v.reload().unwrap(), false, "unchanged file: no swap");
+    assert!(!v.reload().unwrap(), "unchanged file: no swap");
 
     // The rotation window: both secrets listed, either verifies.
     std::fs::write(&path, format!("{SECRET_B}\r\n\n  {SECRET_A}  \n")).unwrap();
-    assert_eq!(v.reload().unwrap(), true);
+    assert!(v.reload().unwrap());
     assert_eq!(v.key_count(), 2);
     let clone = v.clone();
     assert!(clone.verify(&old, NOW).is_ok() && clone.verify(&new, NOW).is_ok(), "clones share the keys");
 
     // The old secret is retired.
     std::fs::write(&path, format!("{SECRET_B}\n")).unwrap();
-    assert_eq!(v.reload().unwrap(), true);
+    assert!(v.reload().unwrap());
     assert_eq!(v.verify(&old, NOW), Err(SignedKeyError::BadSignature));
     assert!(v.verify(&new, NOW).is_ok());
 }
@@ -210,7 +210,7 @@ fn a_broken_key_file_keeps_the_last_good_keys() {
     assert!(matches!(v.reload(), Err(KeyFileError::Read { .. })));
     assert!(v.verify(&token, NOW).is_ok());
     std::fs::write(&path, SECRET_B).unwrap();
-    assert_eq!(v.reload().unwrap(), true);
+    assert!(v.reload().unwrap());
     assert_eq!(v.verify(&token, NOW), Err(SignedKeyError::BadSignature));
 }
 
@@ -225,7 +225,7 @@ fn rotation_of_the_public_key() {
     assert!(v.verify(&ed.sign(&claims()), NOW).is_ok());
     // The new key may even be of the other kind: the algorithm follows the key.
     std::fs::write(config.public_key_file.as_ref().unwrap(), &ec.public_pem).unwrap();
-    assert_eq!(v.reload().unwrap(), true);
+    assert!(v.reload().unwrap());
     assert_eq!(v.algorithm(), "ES256");
     assert!(v.verify(&ec.sign(&claims()), NOW).is_ok());
     assert!(malformed(v.verify(&ed.sign(&claims()), NOW)));
