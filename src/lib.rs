@@ -7,6 +7,7 @@
 //! - [`proxy`]: the request path (path mapping, header hygiene, streaming bodies, 401 replay,
 //!   error mapping).
 //! - [`token`]: the token store, IAM client, schedule, failover and refresher.
+//! - [`signed`]: signed keys: the `[signed_keys]` config, the JWT verifier, `sidekey mint`.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the owned registry.
 //! - [`dev`]: `sidekey dev`, a self-contained demo with a fake IAM and an echoing upstream.
 //!
@@ -26,6 +27,7 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod signal;
+pub mod signed;
 pub mod token;
 
 pub use app::App;

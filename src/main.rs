@@ -51,6 +51,20 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Mint(args) => {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            match sidekey::signed::mint::mint(&args, now) {
+                Ok(key) => {
+                    println!("{key}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sidekey: mint: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::Dev { config } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,

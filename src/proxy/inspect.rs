@@ -354,7 +354,8 @@ impl Glob {
     }
 }
 
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+/// Also the model scope of a signed key (`signed::SignedKey::allows_model`).
+pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     // Iterative matching with one backtrack point: linear-ish, no recursion to blow up.
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
