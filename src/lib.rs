@@ -7,6 +7,8 @@
 //! - [`proxy`]: the request path (path mapping, header hygiene, streaming bodies, 401 replay,
 //!   error mapping).
 //! - [`token`]: the token store, IAM client, schedule, failover and refresher.
+//! - [`callback`]: the usage callback, one JSON event per finished request POSTed to a backend
+//!   in the background (bounded queue, batches, signed, retried, drained on shutdown).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the owned registry.
 //! - [`dev`]: `sidekey dev`, a self-contained demo with a fake IAM and an echoing upstream.
 //!
@@ -16,6 +18,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod callback;
 pub mod cli;
 pub mod client;
 pub mod config;
