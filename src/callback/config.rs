@@ -149,7 +149,8 @@ mod tests {
             assert!(e.contains("`usage.callback.url`") && e.contains(why), "{url}: {e}");
             assert!(!e.contains("abc") && !e.contains("pw"), "a URL's secrets are not echoed: {e}");
         }
-        let cases: [(&str, fn(&mut CallbackConfig)); 9] = [
+        type Break = fn(&mut CallbackConfig);
+        let cases: [(&str, Break); 9] = [
             ("timeout_ms", |c| c.timeout_ms = 0),
             ("timeout_ms", |c| c.timeout_ms = u64::MAX),
             ("max_queue", |c| c.max_queue = 0),

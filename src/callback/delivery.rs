@@ -22,6 +22,7 @@ use super::sign::{self, KeyError, SigningKey};
 use super::{CallbackConfig, UsageEvent};
 use crate::client::{self, ClientSettings, Connector};
 use crate::config::{parse_base_url, ConfigError};
+use crate::token::refresher::error_chain;
 
 /// The header naming a batch; the same on every attempt.
 pub const BATCH_ID_HEADER: &str = "x-sidekey-batch-id";
@@ -37,7 +38,7 @@ enum AttemptError {
     Status(StatusCode),
     #[error("no answer within usage.callback.timeout_ms")]
     Timeout,
-    #[error("request failed: {0}")]
+    #[error("receiver unreachable")]
     Transport(#[source] hyper_util::client::legacy::Error),
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -182,7 +183,7 @@ impl Delivery {
                     events = n,
                     attempts = attempt,
                     batch_id = %batch_id,
-                    error = %error,
+                    error = %error_chain(&error),
                     "Usage callback delivery failed; events counted as failed"
                 );
                 return;
@@ -194,7 +195,7 @@ impl Delivery {
                 attempt,
                 batch_id = %batch_id,
                 retry_in_ms = delay.as_millis() as u64,
-                error = %error,
+                error = %error_chain(&error),
                 "Usage callback delivery failed; retrying"
             );
             tokio::time::sleep(delay).await;
