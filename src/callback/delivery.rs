@@ -113,22 +113,26 @@ impl Delivery {
             () = self.deliver_all(&shutdown, &mut batch) => true,
             () = grace_over => false,
         };
+        // Closed first, so nothing can slip in after the count: later submits are refused (and
+        // counted by the dispatcher). Even when drained, a request thread may have queued an
+        // event since the queue was last seen empty.
         self.rx.close();
-        if drained {
-            tracing::debug!("Usage callback queue drained");
-            return;
-        }
+        // Empty when drained; else the batch that was in flight.
         let mut left = batch.len();
         while self.rx.try_recv().is_ok() {
             self.metrics.queue_depth.dec();
             left += 1;
         }
         CallbackMetrics::add(&self.metrics.dropped, left);
-        tracing::warn!(
-            events = left,
-            grace_ms = grace.as_millis() as u64,
-            "Usage callback: shutdown grace ran out; undelivered events dropped"
-        );
+        if drained && left == 0 {
+            tracing::debug!("Usage callback queue drained");
+        } else {
+            tracing::warn!(
+                events = left,
+                grace_ms = grace.as_millis() as u64,
+                "Usage callback stopped; undelivered events dropped"
+            );
+        }
     }
 
     /// Takes batches until the queue is empty after `shutdown` (or closed and empty).

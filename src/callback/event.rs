@@ -141,7 +141,37 @@ impl UsageEvent {
             request_id: None,
         }
     }
+
+    /// Cuts every string to [`MAX_FIELD_BYTES`] (at a character boundary). Some come from the
+    /// caller (`x-request-id`, a request's `model`), and the queue bounds events, not bytes:
+    /// this keeps `max_queue` events a bounded amount of memory.
+    pub(crate) fn bound(&mut self) {
+        for field in [
+            &mut self.event_id,
+            &mut self.jti,
+            &mut self.sub,
+            &mut self.client,
+            &mut self.set,
+            &mut self.model,
+            &mut self.request_id,
+        ]
+        .into_iter()
+        .flatten()
+        .chain([&mut self.endpoint])
+        {
+            if field.len() > MAX_FIELD_BYTES {
+                let mut end = MAX_FIELD_BYTES;
+                while !field.is_char_boundary(end) {
+                    end -= 1;
+                }
+                field.truncate(end);
+            }
+        }
+    }
 }
+
+/// The longest string an event carries, in bytes; longer ones are cut.
+pub const MAX_FIELD_BYTES: usize = 256;
 
 /// Same as [`UsageEvent::new`]: a fresh id every time.
 impl Default for UsageEvent {
@@ -228,6 +258,22 @@ mod tests {
             );
             proptest::prop_assert_eq!(rfc3339(t), expect);
         }
+    }
+
+    #[test]
+    fn long_strings_are_cut_at_a_character_boundary() {
+        let mut e = UsageEvent {
+            model: Some("m".repeat(300)),
+            request_id: Some(format!("{}é", "r".repeat(255))), // 'é' straddles byte 256
+            sub: Some("user-42".into()),
+            endpoint: "e".repeat(1000),
+            ..UsageEvent::new()
+        };
+        e.bound();
+        assert_eq!(e.model.as_deref(), Some("m".repeat(256).as_str()));
+        assert_eq!(e.request_id.as_deref(), Some("r".repeat(255).as_str()));
+        assert_eq!(e.sub.as_deref(), Some("user-42"));
+        assert_eq!(e.endpoint.len(), 256);
     }
 
     #[test]

@@ -46,7 +46,9 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// Queues `event` for delivery. Never blocks and never waits: with the queue full (or the
     /// delivery task gone) the event is dropped and counted as `dropped`.
-    pub fn submit(&self, event: UsageEvent) {
+    /// Strings longer than [`event::MAX_FIELD_BYTES`] are cut.
+    pub fn submit(&self, mut event: UsageEvent) {
+        event.bound();
         // Counted before the send, so the gauge may briefly read high, never below zero.
         self.metrics.queue_depth.inc();
         let Err(e) = self.tx.try_send(event) else { return };
