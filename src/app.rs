@@ -75,6 +75,9 @@ impl App {
 
         let names: Vec<String> = config.auth.credentials.iter().map(|c| c.name.clone()).collect();
         let metrics = Metrics::with_max_models(&names, config.metrics.max_models);
+        // In the first scrape whether or not `[usage.callback]` is set (the README table is checked
+        // against a fresh sidekey); wiring the queue into the request path is still to come.
+        let _callback_metrics = crate::callback::CallbackMetrics::register(metrics.registry());
         let tokens = TokenStore::new();
         let lifecycle = Arc::new(Lifecycle::default());
         let quit = CancellationToken::new();

@@ -8,6 +8,8 @@
 //!   error mapping).
 //! - [`token`]: the token store, IAM client, schedule, failover and refresher.
 //! - [`signed`]: signed keys: the `[signed_keys]` config, the JWT verifier, `sidekey mint`.
+//! - [`callback`]: the usage callback, one JSON event per finished request POSTed to a backend
+//!   in the background (bounded queue, batches, signed, retried, drained on shutdown).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the owned registry.
 //! - [`dev`]: `sidekey dev`, a self-contained demo with a fake IAM and an echoing upstream.
 //!
@@ -17,6 +19,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod callback;
 pub mod cli;
 pub mod client;
 pub mod config;

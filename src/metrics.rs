@@ -435,6 +435,11 @@ impl Metrics {
         self.model_labels.counters(model, &self.llm_requests_total).record(scan, &self.llm_tokens_total);
     }
 
+    /// The registry, for families registered elsewhere (e.g. [`crate::callback::CallbackMetrics`]).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::with_capacity(16 * 1024);
