@@ -421,11 +421,6 @@ impl Metrics {
         }
     }
 
-    /// The registry, for modules that register their own families.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Records what a response scan found.
     pub fn record_usage(&self, scan: &Scan, request_model: Option<&str>) {
         if scan.malformed > 0 {
