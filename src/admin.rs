@@ -16,22 +16,31 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::proxy::{BrowserGuard, HostRule};
-use crate::token::TokenStore;
+use crate::token::sets::TokenSets;
 
 /// Process-wide state the probes report on.
 #[derive(Debug, Default)]
 pub struct Lifecycle {
     /// Set when shutdown starts: `/readyz` turns 503 at once.
     pub draining: AtomicBool,
-    /// True while the token refresher loop runs.
-    pub refresher_alive: Arc<AtomicBool>,
+    /// One per credential set: true while that set's refresher loop runs.
+    pub refreshers_alive: Vec<Arc<AtomicBool>>,
+}
+
+impl Lifecycle {
+    pub fn new(refreshers_alive: Vec<Arc<AtomicBool>>) -> Self {
+        Self { draining: AtomicBool::new(false), refreshers_alive }
+    }
 }
 
 /// The admin endpoints.
 #[derive(Debug, Clone)]
 pub struct Admin {
     metrics: Metrics,
-    tokens: TokenStore,
+    sets: TokenSets,
+    /// The sets `/readyz` waits for (`default` and every route's); the others are listed in
+    /// its body, and `/readyz?all` waits for them too.
+    ready_sets: Vec<String>,
     lifecycle: Arc<Lifecycle>,
     /// Fired by `POST /quitquitquit` when enabled.
     quit: Option<CancellationToken>,
@@ -44,11 +53,20 @@ pub struct Admin {
 impl Admin {
     pub fn new(
         metrics: Metrics,
-        tokens: TokenStore,
+        sets: TokenSets,
+        ready_sets: Vec<String>,
         lifecycle: Arc<Lifecycle>,
         quit: Option<CancellationToken>,
     ) -> Self {
-        Self { metrics, tokens, lifecycle, quit, allowed_origins: Vec::new(), allowed_hosts: Vec::new() }
+        Self {
+            metrics,
+            sets,
+            ready_sets,
+            lifecycle,
+            quit,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+        }
     }
 
     /// Accepts browser origins and extra `Host` names besides IP literals and `localhost`.
@@ -74,13 +92,13 @@ impl Admin {
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         let resp = match (req.uri().path(), get) {
             ("/healthz", true) => {
-                if self.lifecycle.refresher_alive.load(Ordering::Acquire) {
+                if self.lifecycle.refreshers_alive.iter().all(|a| a.load(Ordering::Acquire)) {
                     text(StatusCode::OK, "ok\n")
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "token refresher is not running\n")
+                    text(StatusCode::SERVICE_UNAVAILABLE, "a token refresher is not running\n")
                 }
             }
-            ("/readyz", true) => self.ready(),
+            ("/readyz", true) => self.ready(req.uri().query() == Some("all")),
             ("/metrics", true) => {
                 let mut resp = Response::new(Full::new(Bytes::from(self.metrics.render())));
                 resp.headers_mut().insert(
@@ -95,14 +113,35 @@ impl Admin {
         Ok(resp)
     }
 
-    fn ready(&self) -> Response<Full<Bytes>> {
+    /// 200 when every set the routes need holds a usable token (with `all`: every set). The
+    /// body says so for each set. A set only clients name does not make the whole gateway
+    /// unready: it fails only its own requests (503 naming the set).
+    fn ready(&self, all: bool) -> Response<Full<Bytes>> {
         if self.lifecycle.draining.load(Ordering::Acquire) {
             return text(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down\n");
         }
-        match self.tokens.current(Instant::now()) {
-            Ok(_) => text(StatusCode::OK, "ready\n"),
-            Err(unavailable) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", unavailable.message)),
+        let now = Instant::now();
+        let single = self.sets.iter().count() == 1;
+        let mut ready = true;
+        let mut body = String::new();
+        for set in self.sets.iter() {
+            let needed = all || self.ready_sets.iter().any(|s| s == set.name());
+            let line = match set.store().current(now) {
+                Ok(_) => "ready".to_string(),
+                Err(u) => {
+                    ready &= !needed;
+                    u.message
+                }
+            };
+            if single {
+                body = format!("{line}\n");
+            } else {
+                let tag = if needed { "" } else { " (not required for readiness)" };
+                body.push_str(&format!("set {}: {line}{tag}\n", set.name()));
+            }
         }
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        text(status, body)
     }
 
     fn quit(&self, peer: SocketAddr) -> Response<Full<Bytes>> {

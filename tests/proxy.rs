@@ -166,10 +166,16 @@ async fn body_over_the_limit_is_413_with_and_without_content_length() {
     let sc = start_sidecar(cfg).await;
     sc.ready().await;
     let c = client();
-    let resp = c.post(sc.url("/v1/files")).body(vec![0u8; 1024 * 1024 + 1]).send().await.unwrap();
-    assert_eq!(resp.status(), 413);
-    let json: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!(json["error"]["code"], "request_too_large");
+    // sidekey answers 413 on Content-Length before reading the body; under load the client may
+    // still be writing when the connection closes, which is a clean refusal too.
+    match c.post(sc.url("/v1/files")).body(vec![0u8; 1024 * 1024 + 1]).send().await {
+        Ok(resp) => {
+            assert_eq!(resp.status(), 413);
+            let json: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(json["error"]["code"], "request_too_large");
+        }
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
     assert_eq!(up.count(), 0, "rejected on Content-Length before going upstream");
 
     let chunks = futures_util::stream::iter(

@@ -21,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::budget::{ByteBudget, Reservation};
 use super::path::Endpoint;
+use super::resolve::clients::Client;
 use super::usage::{ModelSniffer, UsageScanner};
 use crate::metrics::Metrics;
 
@@ -340,6 +341,10 @@ pub struct RequestGuard {
     access: Option<Box<AccessInfo>>,
     /// The `server.max_inflight` slot, held until the response body ends.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The client's own `max_inflight` slot.
+    client_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The caller, whose tokens are counted in `sidekey_client_tokens_total`.
+    client: Option<Arc<Client>>,
     /// Reads token usage off the response body, when it can carry any.
     usage: Option<UsageScanner>,
     /// The model the request named, for responses that do not say.
@@ -356,6 +361,9 @@ pub struct AccessInfo {
     pub ttfb: Option<Duration>,
     pub bytes_in: Option<u64>,
     pub credential: Option<Arc<str>>,
+    /// The client name and the credential set (or `caller`) that paid; never a key.
+    pub client: Option<Arc<str>>,
+    pub set: Option<Arc<str>>,
     pub request_id: Option<HeaderValue>,
     pub replayed: bool,
 }
@@ -376,6 +384,8 @@ impl RequestGuard {
             bytes_out: 0,
             access,
             slot: None,
+            client_slot: None,
+            client: None,
             usage: None,
             request_model: None,
             sniffed_model: None,
@@ -408,6 +418,16 @@ impl RequestGuard {
         self.slot = Some(slot);
     }
 
+    /// Keeps the client's own concurrency slot until the request ends.
+    pub fn hold_client(&mut self, slot: tokio::sync::OwnedSemaphorePermit) {
+        self.client_slot = Some(slot);
+    }
+
+    /// The caller, for per-client token counts.
+    pub fn set_client(&mut self, client: Arc<Client>) {
+        self.client = Some(client);
+    }
+
     pub fn access(&mut self) -> Option<&mut AccessInfo> {
         self.access.as_deref_mut()
     }
@@ -419,7 +439,13 @@ impl Drop for RequestGuard {
         self.metrics.inflight_requests.dec();
         if let Some(scanner) = self.usage.take() {
             let sniffed = self.sniffed_model.as_deref().and_then(|m| m.get().map(String::as_str));
-            self.metrics.record_usage(&scanner.finish(), self.request_model.as_deref().or(sniffed));
+            let scan = scanner.finish();
+            if let (Some(client), Some(u)) = (&self.client, scan.usage) {
+                for (kind, n) in [("prompt", u.prompt), ("completion", u.completion), ("total", u.total)] {
+                    client.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
+                }
+            }
+            self.metrics.record_usage(&scan, self.request_model.as_deref().or(sniffed));
         }
         self.metrics.request_duration(self.endpoint).observe(elapsed.as_secs_f64());
         if let Some(a) = &self.access {
@@ -433,6 +459,8 @@ impl Drop for RequestGuard {
                 bytes_in = a.bytes_in,
                 bytes_out = self.bytes_out,
                 credential = a.credential.as_deref(),
+                client = a.client.as_deref(),
+                set = a.set.as_deref(),
                 request_id = a.request_id.as_ref().and_then(|v| v.to_str().ok()),
                 replayed = a.replayed,
                 "Request"

@@ -7,6 +7,29 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+/// Why a caller could not be identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Client authentication is on and the request carries no key.
+    MissingKey,
+    /// The key belongs to no client.
+    UnknownKey,
+    /// A caller-supplied key pair the IAM rejected.
+    PairRejected,
+}
+
+impl std::fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthFailure::MissingKey => {
+                "no API key: send one with Authorization: Bearer <key> (or the api-key header)"
+            }
+            AuthFailure::UnknownKey => "the API key is not valid here",
+            AuthFailure::PairRejected => "the key pair (key_id:secret) was rejected by the IAM",
+        })
+    }
+}
+
 /// Why sidekey answered a request itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -32,6 +55,10 @@ pub enum ProxyError {
     NoToken { message: String, retry_after_secs: u64 },
     #[error("too many requests in flight (server.max_inflight = {limit}); waited {waited_ms} ms for a slot")]
     Overloaded { limit: usize, waited_ms: u64 },
+    #[error("client '{client}' has {limit} requests in flight already (its policy's max_inflight)")]
+    ClientOverloaded { client: std::sync::Arc<str>, limit: usize },
+    #[error("{0}")]
+    Unauthenticated(AuthFailure),
     #[error("upstream unreachable")]
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("upstream did not answer within {0:?}")]
@@ -60,7 +87,10 @@ impl ProxyError {
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BufferFull => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::ClientAborted => StatusCode::BAD_REQUEST,
             ProxyError::Policy(e) => e.status(),
@@ -80,7 +110,8 @@ impl ProxyError {
             ProxyError::BodyTimeout(_) => "request_timeout",
             ProxyError::BufferFull => "buffer_full",
             ProxyError::NoToken { .. } => "no_valid_token",
-            ProxyError::Overloaded { .. } => "too_many_requests",
+            ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } => "too_many_requests",
+            ProxyError::Unauthenticated(_) => "invalid_api_key",
             ProxyError::Policy(e) => e.reason(),
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::ClientAborted => "bad_request_body",
@@ -117,7 +148,7 @@ impl ProxyError {
             ProxyError::NoToken { retry_after_secs, .. } => {
                 resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ProxyError::Overloaded { .. } | ProxyError::BufferFull => {
+            ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } | ProxyError::BufferFull => {
                 resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

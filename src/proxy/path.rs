@@ -72,8 +72,23 @@ impl Endpoint {
         Self::classify_canonical(path)
     }
 
+    /// Classifies the part of a client path after its route's prefix (`/chat/completions`).
+    pub fn classify_rest(rest: &str) -> Endpoint {
+        if rest.bytes().any(|b| b == b'%' || b == b';' || b.is_ascii_uppercase()) || rest.contains("//") {
+            return Self::classify_rest_canonical(&canonical(rest));
+        }
+        Self::classify_rest_canonical(rest)
+    }
+
     fn classify_canonical(path: &str) -> Endpoint {
-        let Some(rest) = path.strip_prefix(API_PREFIX).and_then(|r| r.strip_prefix('/')) else {
+        match path.strip_prefix(API_PREFIX) {
+            Some(rest) => Self::classify_rest_canonical(rest),
+            None => Endpoint::Other,
+        }
+    }
+
+    fn classify_rest_canonical(rest: &str) -> Endpoint {
+        let Some(rest) = rest.strip_prefix('/') else {
             return Endpoint::Other;
         };
         let first =
@@ -142,7 +157,13 @@ pub enum PathError {
 
 /// The part of a client's path-and-query after `/v1`: `"/chat/completions?x=1"`, `"?x"` or `""`.
 pub fn strip_prefix(path_and_query: &str) -> Result<&str, PathError> {
-    let rest = path_and_query.strip_prefix(API_PREFIX).ok_or(PathError::NotFound)?;
+    strip_route(path_and_query, API_PREFIX)
+}
+
+/// The part of a client's path-and-query after a route's `prefix`, which must end at a segment
+/// boundary, checked for traversal.
+pub fn strip_route<'a>(path_and_query: &'a str, prefix: &str) -> Result<&'a str, PathError> {
+    let rest = path_and_query.strip_prefix(prefix).ok_or(PathError::NotFound)?;
     if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')) {
         return Err(PathError::NotFound);
     }

@@ -10,6 +10,7 @@ pub mod iam;
 pub mod redact;
 pub mod refresher;
 pub mod schedule;
+pub mod sets;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,6 +95,8 @@ pub const FIRST_FETCH: &str = "no valid token yet: the first fetch is in progres
 #[derive(Debug, Clone)]
 pub struct Unavailable {
     pub message: String,
+    /// Every credential was rejected by the token endpoint (not a passing outage).
+    pub rejected: bool,
     /// When the refresher tries next; becomes `Retry-After`.
     pub next_attempt: Instant,
 }
@@ -116,6 +119,8 @@ pub struct Published {
     /// How many forced-refresh requests have been handled, so a waiter only trusts one handled
     /// after it asked.
     pub settles: u64,
+    /// How many times the refresher has recorded a status (after every fetch attempt).
+    pub statuses: u64,
 }
 
 /// Cheap-to-clone handle on the current token, shared by the proxy and the refresher.
@@ -147,7 +152,8 @@ impl Default for TokenStore {
 
 impl TokenStore {
     pub fn new() -> Self {
-        let status = Unavailable { message: FIRST_FETCH.into(), next_attempt: Instant::now() };
+        let status =
+            Unavailable { message: FIRST_FETCH.into(), rejected: false, next_attempt: Instant::now() };
         Self {
             inner: Arc::new(StoreInner {
                 current: ArcSwapOption::empty(),
@@ -170,7 +176,7 @@ impl TokenStore {
                 } else {
                     status.message.clone()
                 };
-                Err(Unavailable { message, next_attempt: status.next_attempt })
+                Err(Unavailable { message, rejected: status.rejected, next_attempt: status.next_attempt })
             }
             None => Err(Unavailable::clone(&self.inner.status.load())),
         }
@@ -196,6 +202,20 @@ impl TokenStore {
     /// Records why fetching failed and when the next attempt is (refresher only).
     pub fn set_status(&self, status: Unavailable) {
         self.inner.status.store(Arc::new(status));
+        self.inner.published.send_modify(|p| p.statuses += 1);
+    }
+
+    /// Waits at most `wait` for a usable token or the outcome of the next fetch attempt, then
+    /// returns what there is. Used by requests that arrive before a set's first token (caller-
+    /// supplied pairs start on demand).
+    pub async fn wait_ready(&self, wait: Duration) -> Result<Arc<Token>, Unavailable> {
+        let mut rx = self.inner.published.subscribe();
+        let seen = rx.borrow_and_update().statuses;
+        if let Ok(token) = self.current(Instant::now()) {
+            return Ok(token);
+        }
+        let _ = tokio::time::timeout(wait, rx.wait_for(|p| p.statuses > seen)).await;
+        self.current(Instant::now())
     }
 
     /// Marks forced-refresh requests up to `generation` as handled (refresher only).
@@ -300,9 +320,13 @@ mod tests {
     #[test]
     fn retry_after_rounds_up() {
         let now = Instant::now();
-        let u = Unavailable { message: String::new(), next_attempt: now + Duration::from_millis(1500) };
+        let u = Unavailable {
+            message: String::new(),
+            rejected: false,
+            next_attempt: now + Duration::from_millis(1500),
+        };
         assert_eq!(u.retry_after_secs(now), 2);
-        let u = Unavailable { message: String::new(), next_attempt: now };
+        let u = Unavailable { message: String::new(), rejected: false, next_attempt: now };
         assert_eq!(u.retry_after_secs(now), 1);
     }
 }

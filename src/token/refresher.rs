@@ -73,6 +73,8 @@ pub struct Refresher<F> {
     generation: u64,
     /// The credential set this refresher serves: a label on its metrics and logs.
     set: Arc<str>,
+    /// Whether each credential's last fetch was a rejection.
+    rejected: Vec<bool>,
 }
 
 impl<F> std::fmt::Debug for Refresher<F> {
@@ -111,6 +113,7 @@ impl<F: Fetcher> Refresher<F> {
             last_forced: None,
             generation: 0,
             set: Arc::from(crate::config::DEFAULT_SET),
+            rejected: vec![false; n],
         }
     }
 
@@ -270,6 +273,7 @@ impl<F: Fetcher> Refresher<F> {
             tracing::info!(credential = %self.names[i], "Credential files changed; refreshing promptly");
             self.failover.reset(i);
             self.reasons[i] = None;
+            self.rejected[i] = false;
             if i == self.failover.active() {
                 self.next_refresh = now;
             } else if i == 0 {
@@ -370,6 +374,7 @@ impl<F: Fetcher> Refresher<F> {
             .set(unix_secs(SystemTime::now()));
         self.failures = 0;
         self.reasons[cred] = None;
+        self.rejected[cred] = false;
         let delay = refresh_after(
             fetched.expires_in,
             self.settings.refresh_before,
@@ -379,8 +384,11 @@ impl<F: Fetcher> Refresher<F> {
         self.next_refresh = started + delay;
         // Old failure reasons no longer describe the state; if this token runs out before the
         // next refresh lands, the message says a refresh is in progress.
-        self.store
-            .set_status(Unavailable { message: super::FIRST_FETCH.into(), next_attempt: self.next_refresh });
+        self.store.set_status(Unavailable {
+            message: super::FIRST_FETCH.into(),
+            rejected: false,
+            next_attempt: self.next_refresh,
+        });
         tracing::info!(
             credential = %name,
             generation = self.generation,
@@ -400,6 +408,7 @@ impl<F: Fetcher> Refresher<F> {
         self.reasons[cred] = Some(err.summary());
         let was_active = cred == self.failover.active();
         let outcome = err.outcome();
+        self.rejected[cred] = outcome == Outcome::Rejected;
         let transition = self.failover.record(cred, outcome, now);
         let retry_in = match transition {
             Transition::Switch { from, to } => {
@@ -438,8 +447,11 @@ impl<F: Fetcher> Refresher<F> {
             probe = !was_active,
             "Token fetch failed"
         );
-        self.store
-            .set_status(Unavailable { message: self.unavailable_message(), next_attempt: self.next_refresh });
+        self.store.set_status(Unavailable {
+            message: self.unavailable_message(),
+            rejected: self.rejected.iter().all(|r| *r),
+            next_attempt: self.next_refresh,
+        });
     }
 
     fn log_switch(&self, from: usize, to: usize, why: &str) {

@@ -1,6 +1,8 @@
 //! Wiring: listeners, shared handles, background tasks, and the shutdown order
 //! (signal → not ready → optional delay → stop accepting → drain with a deadline → stop
-//! background tasks → exit).
+//! background tasks → exit). [`gateway`] builds the credential sets, routes and clients.
+
+mod gateway;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,17 +17,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Lifecycle};
 use crate::client::{self, ClientError, ClientSettings, Connector};
-use crate::config::Provider;
-use crate::config::{parse_base_url, Config, ConfigError};
+use crate::config::{self, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::budget::ByteBudget;
-use crate::proxy::inspect::Policy;
-use crate::proxy::path::Target;
+use crate::proxy::resolve::clients::ClientTable;
+use crate::proxy::resolve::pairs::PairCache;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{serve, serve_on, ServeSettings};
-use crate::token::credential::CredentialSource;
-use crate::token::iam::{Protocol, TokenClient};
-use crate::token::refresher::{RefreshSettings, Refresher};
+use crate::token::iam::TokenClient;
+use crate::token::refresher::Refresher;
+use crate::token::sets::TokenSets;
 use crate::token::TokenStore;
 
 /// Starting sidekey failed.
@@ -57,10 +58,12 @@ pub struct App {
     upstream_connector: Connector,
     admin: Admin,
     metrics: Metrics,
-    tokens: TokenStore,
+    sets: TokenSets,
     lifecycle: Arc<Lifecycle>,
     quit: CancellationToken,
-    refresher: Refresher<TokenClient>,
+    refreshers: Vec<(Refresher<TokenClient>, Arc<std::sync::atomic::AtomicBool>)>,
+    clients: Arc<ClientTable>,
+    pairs: Option<PairCache<TokenClient>>,
 }
 
 impl App {
@@ -73,13 +76,17 @@ impl App {
         let proxy_listener = bind("server.listen", config.server.listen).await?;
         let admin_listener = bind("server.admin_listen", config.server.admin_listen).await?;
 
-        let names: Vec<String> = config.auth.credentials.iter().map(|c| c.name.clone()).collect();
-        let metrics = Metrics::with_max_models(&names, config.metrics.max_models);
+        let set_names: Vec<(&str, Vec<String>)> = config::sets(&config)
+            .into_iter()
+            .map(|(name, a)| (name, a.credentials.iter().map(|c| c.name.clone()).collect()))
+            .collect();
+        let metrics = Metrics::with_sets(&set_names, config.metrics.max_models);
         // In the first scrape whether or not `[usage.callback]` is set (the README table is checked
         // against a fresh sidekey); wiring the queue into the request path is still to come.
         let _callback_metrics = crate::callback::CallbackMetrics::register(metrics.registry());
-        let tokens = TokenStore::new();
-        let lifecycle = Arc::new(Lifecycle::default());
+        let gw = gateway::build(&config, &metrics)?;
+        let lifecycle =
+            Arc::new(Lifecycle::new(gw.refreshers.iter().map(|(_, alive)| Arc::clone(alive)).collect()));
         let quit = CancellationToken::new();
 
         let u = &config.upstream;
@@ -90,13 +97,8 @@ impl App {
             pool_max_idle_per_host: u.pool_max_idle_per_host,
         };
         let upstream_connector = client::connector(&upstream_settings)?;
-        let base = parse_base_url("upstream.base_url", &u.base_url)?;
-        let target = Target::new(&base).ok_or_else(|| ConfigError::Invalid {
-            key: "upstream.base_url".into(),
-            reason: "must be an absolute URL".into(),
-        })?;
         let proxy_settings = ProxySettings {
-            target,
+            resolver: Arc::clone(&gw.resolver),
             listen: proxy_listener
                 .local_addr()
                 .map_err(|source| AppError::Bind {
@@ -119,46 +121,16 @@ impl App {
             max_inflight: config.server.max_inflight,
             inflight_slots: config.server.max_inflight.map(|n| Arc::new(Semaphore::new(n))),
             queue_timeout: Duration::from_millis(config.server.queue_timeout_ms),
-            policy: Policy::new(&config.policy, config.usage.include_stream_usage),
             usage_scan: config.usage.scan,
             loopback_only: config.server.listen.ip().is_loopback(),
             allowed_hosts: config.server.allowed_hosts.clone(),
             allowed_origins: config.server.allowed_origins.clone(),
         };
 
-        let a = &config.auth;
-        let iam_settings = ClientSettings {
-            ca_file: u.ca_file.as_deref(),
-            connect_timeout: Duration::from_secs(a.connect_timeout_secs),
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 4,
-        };
-        let protocol = match a.provider {
-            Provider::CloudruIam => Protocol::CloudruIam,
-            Provider::Static => Protocol::Static,
-            Provider::Oauth2ClientCredentials => Protocol::OAuth2 {
-                scope: a.scope.clone(),
-                audience: a.audience.clone(),
-                client_auth: a.client_auth,
-            },
-        };
-        let iam = TokenClient::new(
-            client::build(client::connector(&iam_settings)?, &iam_settings),
-            parse_base_url("auth.token_url", &a.token_url)?,
-            Duration::from_secs(a.timeout_secs),
-            protocol,
-        );
-        let creds = a
-            .credentials
-            .iter()
-            .map(|c| CredentialSource::from_config(c, a.provider, a.world_readable_secret_files))
-            .collect();
-        let refresher =
-            Refresher::new(iam, tokens.clone(), creds, RefreshSettings::from_config(a), metrics.clone());
-
         let admin = Admin::new(
             metrics.clone(),
-            tokens.clone(),
+            gw.sets.clone(),
+            gw.ready_sets.clone(),
             Arc::clone(&lifecycle),
             config.server.enable_quit_endpoint.then(|| quit.clone()),
         )
@@ -172,10 +144,12 @@ impl App {
             upstream_connector,
             admin,
             metrics,
-            tokens,
+            sets: gw.sets,
             lifecycle,
             quit,
-            refresher,
+            refreshers: gw.refreshers,
+            clients: gw.clients,
+            pairs: gw.pairs,
         })
     }
 
@@ -199,8 +173,14 @@ impl App {
         &self.metrics
     }
 
+    /// The default set's token store.
     pub fn tokens(&self) -> &TokenStore {
-        &self.tokens
+        self.sets.default_set().map(|s| s.store()).expect("the default set exists")
+    }
+
+    /// Every credential set.
+    pub fn sets(&self) -> &TokenSets {
+        &self.sets
     }
 
     /// Serves until `shutdown` resolves (or `/quitquitquit`), then shuts down in order.
@@ -214,10 +194,12 @@ impl App {
             upstream_connector,
             admin,
             metrics,
-            tokens,
+            sets,
             lifecycle,
             quit,
-            refresher,
+            refreshers,
+            clients,
+            pairs,
         } = self;
         let s = &config.server;
         let proxy_addr = proxy_listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
@@ -232,12 +214,27 @@ impl App {
             provider = config.auth.provider.as_str(),
             token_url = %config.auth.token_url,
             credentials = ?names,
+            sets = ?sets.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            routes = ?proxy_settings.resolver.routes().prefixes().collect::<Vec<_>>(),
+            clients = ?config.clients.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            caller_credentials = config.caller_credentials.enabled,
             "sidekey started"
         );
 
         let background = CancellationToken::new();
-        let refresher_task =
-            tokio::spawn(refresher.run(background.clone(), Arc::clone(&lifecycle.refresher_alive)));
+        let mut background_tasks = Vec::new();
+        for (refresher, alive) in refreshers {
+            background_tasks.push(tokio::spawn(refresher.run(background.clone(), alive)));
+        }
+        let poll = Duration::from_secs(config.auth.credential_poll_secs.max(1));
+        background_tasks.push(tokio::spawn(Arc::clone(&clients).watch(
+            config.clients.clone(),
+            poll,
+            background.clone(),
+        )));
+        if let Some(pairs) = pairs {
+            background_tasks.push(tokio::spawn(pairs.run(background.clone())));
+        }
 
         let listener_settings = |name, max_connections, grace| ServeSettings {
             name,
@@ -280,7 +277,6 @@ impl App {
             let proxy = Proxy::new(
                 client::build(upstream_connector.clone(), &pool),
                 proxy_settings.clone(),
-                tokens.clone(),
                 metrics.clone(),
             );
             let handler = move |req, _peer| {
@@ -316,7 +312,9 @@ impl App {
         worker_stop.cancel();
         let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         background.cancel();
-        let _ = refresher_task.await;
+        for task in background_tasks {
+            let _ = task.await;
+        }
         admin_stop.cancel();
         let _ = admin_task.await;
         tracing::info!("Shutdown complete");
