@@ -3,7 +3,9 @@
 //!
 //! Expired entries read as 0 and are dropped when met, and all at once when the map is full.
 //! A full map of live entries refuses new keys rather than evicting one (evicting would reset
-//! that key's usage: fail open). The sweep runs only when it can free something: the map
+//! that key's usage: fail open), and refuses them at admission ([`MemoryLedger::used`]), so a
+//! key that could not be charged never runs a request. (Keys admitted together into the last
+//! free slots can still find it taken at charge time: the overshoot of requests in flight.) The sweep runs only when it can free something: the map
 //! remembers a lower bound on its earliest expiry, so a map full of live keys costs one
 //! comparison per refused key, not a scan.
 
@@ -52,7 +54,8 @@ impl MemoryLedger {
         }
     }
 
-    /// Tokens charged to `jti` and not yet expired.
+    /// Tokens charged to `jti` and not yet expired; [`LedgerError::Full`] for a key not held
+    /// while the map is full of live keys, since its charge could not be recorded.
     pub fn used(&self, jti: &str) -> Result<u64, LedgerError> {
         counted(&self.errors, self.used_at(jti, now_unix()))
     }
@@ -87,7 +90,16 @@ impl MemoryLedger {
                 map.entries.remove(jti);
                 Ok(0)
             }
-            None => Ok(0),
+            None => {
+                // A new key could not be charged: refuse it now, not after its request ran.
+                if map.entries.len() >= self.max_entries {
+                    map.sweep(now);
+                    if map.entries.len() >= self.max_entries {
+                        return Err(LedgerError::Full { max_entries: self.max_entries });
+                    }
+                }
+                Ok(0)
+            }
         }
     }
 
@@ -204,7 +216,12 @@ mod tests {
         assert!(matches!(l.charge_at("c", 1, EXP, T0), Err(LedgerError::Full { max_entries: 2 })));
         assert_eq!(l.charge_at("a", 1, EXP, T0).unwrap(), 2, "a known key is never refused");
         assert_eq!(l.used_at("b", T0).unwrap(), 1, "nothing was evicted");
-        assert_eq!(l.used_at("c", T0).unwrap(), 0, "an unknown key reads 0 even when full");
+        assert!(
+            matches!(l.used_at("c", T0), Err(LedgerError::Full { .. })),
+            "a new key is refused at admission, before its request runs"
+        );
+        assert_eq!(l.used_at("a", T0).unwrap(), 2, "known keys are still admitted");
+        assert_eq!(l.used_at("c", EXP).unwrap(), 0, "admitted again once expired keys make room");
     }
 
     #[test]

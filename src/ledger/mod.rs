@@ -16,9 +16,11 @@
 //!    [`LedgerError::Unavailable`] (Redis unreachable, erroring or slower than
 //!    [`LedgerSettings::timeout`]) means the caller refuses budgeted requests with 503 and
 //!    `Retry-After` unless `signed_keys.budget_fail_open` is set. A full memory store refuses
-//!    new keys ([`LedgerError::Full`]) instead of evicting a live total, which would reset
-//!    someone's usage. A failed charge is not retried here: it may or may not have been applied
-//!    (a timeout can fire after Redis ran the command), and retrying could count it twice.
+//!    new keys ([`LedgerError::Full`], from `used` already) instead of evicting a live total,
+//!    which would reset someone's usage; treat it like `Unavailable`. A failed charge is not
+//!    retried here: it may or may not have been applied (a timeout can fire after Redis ran the
+//!    command), and retrying could count it twice. Redis itself must not evict the keys
+//!    (`maxmemory-policy noeviction`: every budget key has a TTL, so `volatile-*` would too).
 //!
 //! The pieces: [`MemoryLedger`], a bounded map behind a briefly held lock; [`RedisLedger`], one
 //! `MULTI INCRBY EXPIREAT EXEC` per charge on `sidekey:budget:<jti>` through the `redis`
@@ -148,7 +150,9 @@ impl Ledger {
         }
     }
 
-    /// Tokens charged to `jti` and not yet expired; 0 for a key never charged.
+    /// Tokens charged to `jti` and not yet expired; 0 for a key never charged. Refuse the
+    /// request on any error: [`LedgerError::Unavailable`] (Redis), [`LedgerError::Full`] (a new
+    /// key the memory store could not charge), [`LedgerError::BadJti`].
     pub async fn used(&self, jti: &str) -> Result<u64, LedgerError> {
         match self {
             Self::Memory(m) => m.used(jti),
