@@ -39,7 +39,7 @@ use prometheus::{IntCounter, Opts};
 use crate::config::{redact_url, ConfigError};
 
 pub use memory::MemoryLedger;
-pub use redis_store::RedisLedger;
+pub use redis_store::{RedisLedger, KEY_PREFIX};
 
 /// The config key that selects the store (`"memory"` or a `redis://` URL).
 pub const CONFIG_KEY: &str = "signed_keys.budget_store";

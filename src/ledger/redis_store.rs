@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use super::{check_jti, counted, LedgerError, LedgerSettings, Unavailable};
 use crate::config::ConfigError;
 
-/// Prefix of every key this store writes.
+/// Prefix of every key the Redis store writes: `sidekey:budget:<jti>`.
 pub const KEY_PREFIX: &str = "sidekey:budget:";
 
 /// How soon a lost connection is tried again: the manager retries with jittered exponential
@@ -37,7 +37,7 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 const RECONNECT_RETRIES: usize = 3;
 
 /// After this long with no successful call, a failing call replaces the connection manager.
-pub const REBUILD_AFTER: Duration = Duration::from_secs(5);
+const REBUILD_AFTER: Duration = Duration::from_secs(5);
 
 /// The Redis budget store. Cloning shares the connection.
 #[derive(Clone)]
@@ -182,6 +182,6 @@ impl RedisLedger {
 }
 
 /// The Redis key holding `jti`'s total.
-pub fn key(jti: &str) -> String {
+fn key(jti: &str) -> String {
     format!("{KEY_PREFIX}{jti}")
 }
