@@ -10,6 +10,7 @@
 //! - [`signed`]: signed keys: the `[signed_keys]` config, the JWT verifier, `sidekey mint`.
 //! - [`callback`]: the usage callback, one JSON event per finished request POSTed to a backend
 //!   in the background (bounded queue, batches, signed, retried, drained on shutdown).
+//! - [`ledger`]: token budgets of signed keys, charged to their `jti` (memory or Redis).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the owned registry.
 //! - [`dev`]: `sidekey dev`, a self-contained demo with a fake IAM and an echoing upstream.
 //!
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
