@@ -533,6 +533,7 @@ mod tests {
         let all = [
             PolicyError::ModelNotAllowed("m".into()),
             PolicyError::ModelMissing,
+            PolicyError::ModelOutOfScope("m".into()),
             PolicyError::MaxTokensExceeded { field: "max_tokens", value: 2, limit: 1 },
             PolicyError::ChoicesExceeded { field: "n", value: 2, limit: 1 },
             PolicyError::BadMaxTokens("max_tokens"),
@@ -547,6 +548,7 @@ mod tests {
             match e {
                 PolicyError::ModelNotAllowed(_)
                 | PolicyError::ModelMissing
+                | PolicyError::ModelOutOfScope(_)
                 | PolicyError::MaxTokensExceeded { .. }
                 | PolicyError::ChoicesExceeded { .. }
                 | PolicyError::BadMaxTokens(_)

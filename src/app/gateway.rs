@@ -15,7 +15,11 @@ use crate::proxy::path::{Target, API_PREFIX};
 use crate::proxy::resolve::clients::{Client, ClientTable, KeyIndex};
 use crate::proxy::resolve::pairs::{PairCache, PairSettings};
 use crate::proxy::resolve::routes::{Route, RouteTable};
-use crate::proxy::resolve::Resolver;
+use crate::ledger::{Ledger, LedgerSettings};
+use crate::proxy::resolve::{Resolver, SignedGate};
+use crate::proxy::Budgets;
+use crate::signed::Verifier;
+use prometheus::{IntCounter, IntCounterVec};
 use crate::token::credential::CredentialSource;
 use crate::token::iam::{Protocol, TokenClient};
 use crate::token::refresher::{RefreshSettings, Refresher};
@@ -32,6 +36,9 @@ pub(super) struct Gateway {
     pub pairs: Option<PairCache<TokenClient>>,
     /// The sets `/readyz` waits for: `default` and every route's.
     pub ready_sets: Vec<String>,
+    /// Signed keys' verifier (its key files are polled), when `[signed_keys]` is set.
+    pub verifier: Option<Verifier>,
+    pub budgets: Option<Budgets>,
 }
 
 /// The token client of one set.
@@ -63,7 +70,7 @@ fn token_client(
     ))
 }
 
-pub(super) fn build(config: &Config, metrics: &Metrics) -> Result<Gateway, AppError> {
+pub(super) fn build(config: &Config, metrics: &Metrics, signed_results: &IntCounterVec) -> Result<Gateway, AppError> {
     let ca_file = config.upstream.ca_file.as_deref();
     let include_stream_usage = config.usage.include_stream_usage;
     let mut sets = Vec::new();
@@ -173,6 +180,31 @@ pub(super) fn build(config: &Config, metrics: &Metrics) -> Result<Gateway, AppEr
         let client = Client::new("caller", None, Arc::clone(&global), None, requests.clone(), tokens.clone());
         (cache, Arc::new(client))
     });
-    let resolver = Arc::new(Resolver::new(RouteTable::new(routes), Arc::clone(&clients), anonymous, caller));
-    Ok(Gateway { sets, refreshers, resolver, clients, pairs, ready_sets })
+    let mut resolver = Resolver::new(RouteTable::new(routes), Arc::clone(&clients), anonymous, caller);
+    let (mut verifier, mut budgets) = (None, None);
+    if let Some(sk) = &config.signed_keys {
+        let v = Verifier::new(sk)
+            .map_err(|e| ConfigError::Invalid { key: "signed_keys".into(), reason: e.to_string() })?;
+        let gate = SignedGate {
+            verifier: v.clone(),
+            set: set(&sk.credentials, "signed_keys.credentials".into())?,
+            client: Arc::new(Client::new("signed", None, Arc::clone(&global), None, requests.clone(), tokens.clone())),
+            results: signed_results.clone(),
+        };
+        resolver = resolver.with_signed_keys(gate);
+        let errors = IntCounter::new(crate::ledger::ERRORS_METRIC, crate::ledger::ERRORS_HELP).ok();
+        let errors = errors.and_then(|c| metrics.registry().register(Box::new(c.clone())).ok().map(|_| c));
+        let settings = LedgerSettings { errors, ..LedgerSettings::default() };
+        budgets = Some(Budgets {
+            ledger: Ledger::from_url(&sk.budget_store, settings)?,
+            fail_open: sk.budget_fail_open,
+            results: signed_results.clone(),
+        });
+        verifier = Some(v);
+    } else {
+        // In the first scrape whether or not signed keys are configured.
+        let _ = metrics.registry().register(Box::new(crate::ledger::errors_counter()));
+    }
+    let resolver = Arc::new(resolver);
+    Ok(Gateway { sets, refreshers, resolver, clients, pairs, ready_sets, verifier, budgets })
 }

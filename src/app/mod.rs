@@ -62,6 +62,8 @@ pub struct App {
     lifecycle: Arc<Lifecycle>,
     quit: CancellationToken,
     refreshers: Vec<(Refresher<TokenClient>, Arc<std::sync::atomic::AtomicBool>)>,
+    verifier: Option<crate::signed::Verifier>,
+    delivery: Option<crate::callback::Delivery>,
     clients: Arc<ClientTable>,
     pairs: Option<PairCache<TokenClient>>,
 }
@@ -83,8 +85,17 @@ impl App {
         let metrics = Metrics::with_sets(&set_names, config.metrics.max_models);
         // In the first scrape whether or not `[usage.callback]` is set (the README table is checked
         // against a fresh sidekey); wiring the queue into the request path is still to come.
-        let _callback_metrics = crate::callback::CallbackMetrics::register(metrics.registry());
-        let gw = gateway::build(&config, &metrics)?;
+        let callback_metrics = crate::callback::CallbackMetrics::register(metrics.registry());
+        let signed_results = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("sidekey_signed_keys_total", "Requests with a signed key, by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let _ = metrics.registry().register(Box::new(signed_results.clone()));
+        for result in crate::signed::RESULTS {
+            signed_results.with_label_values(&[result]);
+        }
+        let gw = gateway::build(&config, &metrics, &signed_results)?;
         let lifecycle =
             Arc::new(Lifecycle::new(gw.refreshers.iter().map(|(_, alive)| Arc::clone(alive)).collect()));
         let quit = CancellationToken::new();
@@ -97,6 +108,14 @@ impl App {
             pool_max_idle_per_host: u.pool_max_idle_per_host,
         };
         let upstream_connector = client::connector(&upstream_settings)?;
+        let callback = match &config.usage.callback {
+            Some(cb) => Some(crate::callback::channel(cb, upstream_connector.clone(), callback_metrics)?),
+            None => None,
+        };
+        let (dispatcher, delivery) = match callback {
+            Some((d, delivery)) => (Some(d), Some(delivery)),
+            None => (None, None),
+        };
         let proxy_settings = ProxySettings {
             resolver: Arc::clone(&gw.resolver),
             listen: proxy_listener
@@ -122,6 +141,8 @@ impl App {
             inflight_slots: config.server.max_inflight.map(|n| Arc::new(Semaphore::new(n))),
             queue_timeout: Duration::from_millis(config.server.queue_timeout_ms),
             usage_scan: config.usage.scan,
+            budgets: gw.budgets.clone(),
+            callback: dispatcher,
             loopback_only: config.server.listen.ip().is_loopback(),
             allowed_hosts: config.server.allowed_hosts.clone(),
             allowed_origins: config.server.allowed_origins.clone(),
@@ -150,6 +171,8 @@ impl App {
             refreshers: gw.refreshers,
             clients: gw.clients,
             pairs: gw.pairs,
+            verifier: gw.verifier,
+            delivery,
         })
     }
 
@@ -200,6 +223,8 @@ impl App {
             refreshers,
             clients,
             pairs,
+            verifier,
+            delivery,
         } = self;
         let s = &config.server;
         let proxy_addr = proxy_listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
@@ -235,6 +260,13 @@ impl App {
         if let Some(pairs) = pairs {
             background_tasks.push(tokio::spawn(pairs.run(background.clone())));
         }
+        if let Some(verifier) = verifier {
+            background_tasks.push(tokio::spawn(verifier.run(background.clone())));
+        }
+        // The usage callback drains after the proxy: the last requests' events are queued by then.
+        let callback_stop = CancellationToken::new();
+        let callback_task = delivery
+            .map(|d| tokio::spawn(d.run(callback_stop.clone(), Duration::from_secs(s.shutdown_grace_secs))));
 
         let listener_settings = |name, max_connections, grace| ServeSettings {
             name,
@@ -311,6 +343,10 @@ impl App {
         let _ = proxy_task.await;
         worker_stop.cancel();
         let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
+        callback_stop.cancel();
+        if let Some(task) = callback_task {
+            let _ = task.await;
+        }
         background.cancel();
         for task in background_tasks {
             let _ = task.await;

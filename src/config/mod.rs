@@ -58,6 +58,9 @@ pub struct Config {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<ClientConfig>,
     pub caller_credentials: CallerCredentialsConfig,
+    /// Short-lived signed keys minted by a backend for untrusted callers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_keys: Option<crate::signed::SignedKeysConfig>,
 }
 
 /// A configuration problem. The message names the key and, where known, the source.
@@ -157,6 +160,19 @@ impl Config {
             ));
         }
         gateway::validate(self)?;
+        if let Some(sk) = &self.signed_keys {
+            sk.validate("signed_keys")?;
+            crate::ledger::validate_url(crate::ledger::CONFIG_KEY, &sk.budget_store)?;
+            if sk.credentials != DEFAULT_SET && !self.auth.sets.contains_key(&sk.credentials) {
+                return Err(ConfigError::invalid(
+                    "signed_keys.credentials",
+                    format!("no credential set named {:?}", sk.credentials),
+                ));
+            }
+        }
+        if let Some(cb) = &self.usage.callback {
+            cb.validate("usage.callback")?;
+        }
         self.validate_ranges()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;

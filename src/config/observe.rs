@@ -12,11 +12,14 @@ pub struct UsageConfig {
     /// `stream_options`, so usage is always known. Clients then see one extra chunk with empty
     /// `choices` at the end of each stream.
     pub include_stream_usage: bool,
+    /// One JSON event per finished request POSTed to a backend (`[usage.callback]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<crate::callback::CallbackConfig>,
 }
 
 impl Default for UsageConfig {
     fn default() -> Self {
-        Self { scan: true, include_stream_usage: false }
+        Self { scan: true, include_stream_usage: false, callback: None }
     }
 }
 

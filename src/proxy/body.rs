@@ -21,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::budget::{ByteBudget, Reservation};
 use super::path::Endpoint;
+use super::report::{Ending, Report};
 use super::resolve::clients::Client;
 use super::usage::{ModelSniffer, UsageScanner};
 use crate::metrics::Metrics;
@@ -351,6 +352,10 @@ pub struct RequestGuard {
     request_model: Option<String>,
     /// Where the request body's own `model` lands when it was sniffed while streaming.
     sniffed_model: Option<Arc<OnceLock<String>>>,
+    /// The budget charge and the usage callback event, run when the request ends.
+    report: Option<Box<Report>>,
+    ending: Ending,
+    signed: bool,
 }
 
 /// Fields of the access log line, collected only when `log.access = true`.
@@ -389,6 +394,9 @@ impl RequestGuard {
             usage: None,
             request_model: None,
             sniffed_model: None,
+            report: None,
+            ending: Ending::default(),
+            signed: false,
         }
     }
 
@@ -423,6 +431,46 @@ impl RequestGuard {
         self.client_slot = Some(slot);
     }
 
+    /// Work to do when the request ends: a budget charge, a usage callback event.
+    pub fn report(&mut self, report: Report) {
+        self.report = Some(Box::new(report));
+    }
+
+    /// Adds a budget charge to the report (creating it if needed).
+    pub fn charge(&mut self, charge: super::report::Charge) {
+        match self.report.as_mut() {
+            Some(r) => r.charge = Some(charge),
+            None => {
+                self.report = Some(Box::new(Report {
+                    started_at: std::time::SystemTime::now(),
+                    event: None,
+                    charge: Some(charge),
+                }))
+            }
+        }
+    }
+
+    /// True if the request is a signed key's (its refusals are counted as such).
+    pub fn signed(&self) -> bool {
+        self.signed
+    }
+
+    pub fn set_signed(&mut self) {
+        self.signed = true;
+    }
+
+    /// True if usage must be read off the response whatever `usage.scan` says (a budget).
+    pub fn needs_usage(&self) -> bool {
+        self.report.as_ref().is_some_and(|r| r.charge.is_some() || r.event.is_some())
+    }
+
+    /// What the client got: the status, time to first byte, and whether sidekey answered.
+    pub fn responded(&mut self, status: u16, ttfb: Option<Duration>, local: bool) {
+        self.ending.status = status;
+        self.ending.ttfb = ttfb;
+        self.ending.local = local;
+    }
+
     /// The caller, for per-client token counts.
     pub fn set_client(&mut self, client: Arc<Client>) {
         self.client = Some(client);
@@ -437,15 +485,19 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         self.metrics.inflight_requests.dec();
-        if let Some(scanner) = self.usage.take() {
-            let sniffed = self.sniffed_model.as_deref().and_then(|m| m.get().map(String::as_str));
-            let scan = scanner.finish();
+        let sniffed = self.sniffed_model.as_deref().and_then(|m| m.get().map(String::as_str));
+        let model = self.request_model.as_deref().or(sniffed);
+        let scan = self.usage.take().map(UsageScanner::finish);
+        if let Some(scan) = &scan {
             if let (Some(client), Some(u)) = (&self.client, scan.usage) {
                 for (kind, n) in [("prompt", u.prompt), ("completion", u.completion), ("total", u.total)] {
                     client.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
                 }
             }
-            self.metrics.record_usage(&scan, self.request_model.as_deref().or(sniffed));
+            self.metrics.record_usage(scan, model);
+        }
+        if let Some(report) = self.report.take() {
+            report.finish(self.ending, scan.as_ref(), model, elapsed);
         }
         self.metrics.request_duration(self.endpoint).observe(elapsed.as_secs_f64());
         if let Some(a) = &self.access {
@@ -549,16 +601,27 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
+                    if let Some(g) = this.guard.as_mut() {
+                        g.ending.upstream_failed = true;
+                    }
                     tracing::warn!(error = %e, "Upstream response body failed; the client sees a cut stream");
                     Poll::Ready(Some(Err(e.into())))
                 }
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(None) => {
+                    if let Some(g) = this.guard.as_mut() {
+                        g.ending.finished = true;
+                    }
+                    Poll::Ready(None)
+                }
                 Poll::Pending => {
                     ready!(timer.poll(cx));
                     let err = match deadline {
                         Some(d) if Instant::now() >= *d => BodyError::Deadline,
                         _ => BodyError::Idle(*idle),
                     };
+                    if let Some(g) = this.guard.as_mut() {
+                        g.ending.upstream_failed = true;
+                    }
                     tracing::warn!(error = %err, "Cutting the response stream");
                     Poll::Ready(Some(Err(err.into())))
                 }

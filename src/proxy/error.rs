@@ -8,8 +8,12 @@ use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 /// Why a caller could not be identified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthFailure {
+    /// A signed key that does not verify (the reason, never the key).
+    SignedKey(crate::signed::SignedKeyError),
+    /// A signed key whose `client` claim names no configured client.
+    UnknownClient,
     /// Client authentication is on and the request carries no key.
     MissingKey,
     /// The key belongs to no client.
@@ -21,6 +25,8 @@ pub enum AuthFailure {
 impl std::fmt::Display for AuthFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            AuthFailure::SignedKey(e) => return write!(f, "the signed key is not valid: {e}"),
+            AuthFailure::UnknownClient => "the signed key names a client this gateway does not have",
             AuthFailure::MissingKey => {
                 "no API key: send one with Authorization: Bearer <key> (or the api-key header)"
             }
@@ -59,6 +65,10 @@ pub enum ProxyError {
     ClientOverloaded { client: std::sync::Arc<str>, limit: usize },
     #[error("{0}")]
     Unauthenticated(AuthFailure),
+    #[error("this key's token budget is used up")]
+    BudgetExhausted,
+    #[error("the token budget store cannot be reached; retry shortly")]
+    BudgetUnavailable,
     #[error("upstream unreachable")]
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("upstream did not answer within {0:?}")]
@@ -91,6 +101,8 @@ impl ProxyError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::ClientAborted => StatusCode::BAD_REQUEST,
             ProxyError::Policy(e) => e.status(),
@@ -112,6 +124,8 @@ impl ProxyError {
             ProxyError::NoToken { .. } => "no_valid_token",
             ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } => "too_many_requests",
             ProxyError::Unauthenticated(_) => "invalid_api_key",
+            ProxyError::BudgetExhausted => "budget_exhausted",
+            ProxyError::BudgetUnavailable => "budget_unavailable",
             ProxyError::Policy(e) => e.reason(),
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::ClientAborted => "bad_request_body",
@@ -148,7 +162,10 @@ impl ProxyError {
             ProxyError::NoToken { retry_after_secs, .. } => {
                 resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } | ProxyError::BufferFull => {
+            ProxyError::Overloaded { .. }
+            | ProxyError::ClientOverloaded { .. }
+            | ProxyError::BufferFull
+            | ProxyError::BudgetUnavailable => {
                 resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -18,8 +18,11 @@ use super::error::{AuthFailure, ProxyError};
 use super::inspect::{Policy, Verdict};
 use super::path::Endpoint;
 use super::resolve::clients::Client;
+use super::report::Charge;
 use super::resolve::Payer;
+use crate::signed::SignedKey;
 use super::{content_length, headers, is_json, Proxy};
+use crate::token::refresher::error_chain;
 use crate::metrics::Metrics;
 
 /// What [`super::resolve::Resolver`] decided, owned: the upstream URI, the caller, the payer.
@@ -28,6 +31,7 @@ pub(super) struct Decision {
     pub upstream_uri: http::Uri,
     pub client: Arc<Client>,
     pub payer: Payer,
+    pub signed: Option<Arc<SignedKey>>,
 }
 
 /// The request body on its way up: read whole for the policy, or streamed.
@@ -48,13 +52,22 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let inner = &*self.inner;
         let settings = &inner.settings;
-        let Decision { upstream_uri, client, payer } = decision;
-        let policy = &*client.policy;
+        let Decision { upstream_uri, client, payer, signed } = decision;
+        // A signed key narrows its client's policy: its models, its cap, usage on every stream
+        // when it has a budget.
+        let narrowed = signed.as_ref().map(|k| {
+            client.policy.narrowed(k.models(), k.max_tokens(), k.budget_tokens().is_some())
+        });
+        let policy = narrowed.as_ref().unwrap_or(&*client.policy);
         let has_body = !http_body::Body::is_end_stream(req.body());
         let encoding = req.headers().get(http::header::CONTENT_ENCODING).map(|v| v.as_bytes());
         if let Err(e) = policy.admit(req.method(), endpoint, req.uri().path(), has_body, encoding) {
             inner.metrics.policy_rejections_total.with_label_values(&[e.reason()]).inc();
+            self.count_signed(&signed, "out_of_scope");
             return Err(ProxyError::Policy(e));
+        }
+        if let Some(key) = &signed {
+            self.admit_budget(key, policy, guard).await?;
         }
         if let Some((slots, limit)) = &client.slots {
             let slot = Arc::clone(slots).try_acquire_owned().map_err(|_| ProxyError::ClientOverloaded {
@@ -247,6 +260,9 @@ impl Proxy {
             }
             Err(e) => {
                 inner.metrics.policy_rejections_total.with_label_values(&[e.reason()]).inc();
+                if guard.signed() {
+                    self.count_signed_reason("out_of_scope");
+                }
                 Err(ProxyError::Policy(e))
             }
         }
@@ -280,6 +296,59 @@ impl Proxy {
                 inner.metrics.upstream_response(endpoint).observe(start.elapsed().as_secs_f64());
                 Ok(resp)
             }
+        }
+    }
+
+    /// A signed key with a budget: admitted while what it used is below its budget (the request
+    /// that crosses it completes), charged when it ends. A store that cannot be read refuses
+    /// (503) unless `signed_keys.budget_fail_open`.
+    async fn admit_budget(&self, key: &Arc<SignedKey>, policy: &Policy, guard: &mut RequestGuard) -> Result<(), ProxyError> {
+        let (Some(budget), Some(budgets), Some(jti)) =
+            (key.budget_tokens(), &self.inner.settings.budgets, key.jti())
+        else {
+            return Ok(());
+        };
+        let used = match budgets.ledger.used(jti).await {
+            Ok(used) => Some(used),
+            Err(e) => {
+                budgets.results.with_label_values(&["budget_unavailable"]).inc();
+                tracing::warn!(
+                    jti = %crate::ledger::jti_tag(jti),
+                    error = %error_chain(&e),
+                    fail_open = budgets.fail_open,
+                    "Cannot read a signed key's budget"
+                );
+                if !budgets.fail_open {
+                    return Err(ProxyError::BudgetUnavailable);
+                }
+                None
+            }
+        };
+        if let Some(used) = used {
+            if !crate::ledger::admits(used, budget) {
+                budgets.results.with_label_values(&["budget_exhausted"]).inc();
+                return Err(ProxyError::BudgetExhausted);
+            }
+        }
+        let left = budget.saturating_sub(used.unwrap_or(0));
+        guard.charge(Charge {
+            ledger: budgets.ledger.clone(),
+            key: Arc::clone(key),
+            fallback: policy.max_tokens().unwrap_or(left).min(left.max(1)),
+            results: budgets.results.clone(),
+        });
+        Ok(())
+    }
+
+    fn count_signed(&self, signed: &Option<Arc<SignedKey>>, result: &str) {
+        if signed.is_some() {
+            self.count_signed_reason(result);
+        }
+    }
+
+    fn count_signed_reason(&self, result: &str) {
+        if let Some(gate) = self.inner.settings.resolver.signed() {
+            gate.results.with_label_values(&[result]).inc();
         }
     }
 

@@ -20,6 +20,8 @@ pub struct Policy {
     max_choices: Option<u64>,
     max_body: u64,
     include_stream_usage: bool,
+    /// A signed key's `model` claim: a model must also match one of these.
+    key_models: Vec<Glob>,
 }
 
 /// What the policy decided about a request body.
@@ -38,6 +40,8 @@ pub enum PolicyError {
     ModelNotAllowed(String),
     #[error("the request names no model; policy.allowed_models requires one")]
     ModelMissing,
+    #[error("model '{0}' is outside this key's scope")]
+    ModelOutOfScope(String),
     #[error("{field} = {value} exceeds the limit of {limit} (policy.max_tokens)")]
     MaxTokensExceeded { field: &'static str, value: u64, limit: u64 },
     #[error("{field} = {value} exceeds the limit of {limit} (policy.max_choices)")]
@@ -62,7 +66,9 @@ impl PolicyError {
     /// The label for `sidekey_policy_rejections_total{reason}`.
     pub fn reason(&self) -> &'static str {
         match self {
-            PolicyError::ModelNotAllowed(_) | PolicyError::ModelMissing => "model_not_allowed",
+            PolicyError::ModelNotAllowed(_) | PolicyError::ModelMissing | PolicyError::ModelOutOfScope(_) => {
+                "model_not_allowed"
+            }
             PolicyError::MaxTokensExceeded { .. } => "max_tokens_exceeded",
             PolicyError::ChoicesExceeded { .. } => "max_choices_exceeded",
             PolicyError::BadMaxTokens(_)
@@ -89,9 +95,9 @@ impl PolicyError {
     /// The HTTP status: 403 for what the caller may not use, 405 for a method, 400 otherwise.
     pub fn status(&self) -> http::StatusCode {
         match self {
-            PolicyError::ModelNotAllowed(_) | PolicyError::EndpointNotAllowed(_) => {
-                http::StatusCode::FORBIDDEN
-            }
+            PolicyError::ModelNotAllowed(_)
+            | PolicyError::ModelOutOfScope(_)
+            | PolicyError::EndpointNotAllowed(_) => http::StatusCode::FORBIDDEN,
             PolicyError::MethodNotAllowed { .. } => http::StatusCode::METHOD_NOT_ALLOWED,
             PolicyError::EncodedBody => http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
             _ => http::StatusCode::BAD_REQUEST,
@@ -125,14 +131,44 @@ impl Policy {
             max_choices: policy.max_choices.or(policy.max_tokens.map(|_| 1)),
             max_body: policy.max_body_bytes,
             include_stream_usage,
+            key_models: Vec::new(),
         }
+    }
+
+    /// This policy narrowed by a signed key's scope: its models (a model must pass both), its
+    /// `max_tokens` (the lower cap wins, refused above it, set when missing), and for a key with
+    /// a budget, usage requested on every stream. A key can only narrow, never widen.
+    pub fn narrowed(&self, models: Option<&[String]>, max_tokens: Option<u64>, budgeted: bool) -> Policy {
+        let mut p = self.clone();
+        if let Some(models) = models {
+            p.key_models = models.iter().map(|m| Glob(m.clone())).collect();
+        }
+        if let Some(cap) = max_tokens {
+            if p.max_tokens.is_none_or(|own| cap <= own) {
+                p.max_tokens = Some(cap);
+                p.mode = MaxTokensMode::Reject;
+            }
+            p.set_when_missing = true;
+            p.max_choices = Some(p.max_choices.unwrap_or(1));
+        }
+        p.include_stream_usage |= budgeted;
+        p
+    }
+
+    /// The output-token cap requests end up with, if any (what a stream without a usage block
+    /// is charged).
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.max_tokens
     }
 
     /// True if a rule can refuse or rewrite: then the policy fails closed (only allowed
     /// endpoints are forwarded, every covered body is read whatever its `Content-Type` claims,
     /// and one that is not JSON is refused).
     pub fn enforces(&self) -> bool {
-        !self.allowed_models.is_empty() || self.max_tokens.is_some() || self.max_choices.is_some()
+        !self.allowed_models.is_empty()
+            || !self.key_models.is_empty()
+            || self.max_tokens.is_some()
+            || self.max_choices.is_some()
     }
 
     /// The largest body the policy reads (`policy.max_body_bytes`).
@@ -211,6 +247,15 @@ impl Policy {
                 None => return Err(PolicyError::ModelMissing),
                 Some(m) if !self.allowed_models.iter().any(|g| g.matches(m)) => {
                     return Err(PolicyError::ModelNotAllowed(m.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        if !self.key_models.is_empty() {
+            match &model {
+                None => return Err(PolicyError::ModelMissing),
+                Some(m) if !self.key_models.iter().any(|g| g.matches(m)) => {
+                    return Err(PolicyError::ModelOutOfScope(m.clone()))
                 }
                 Some(_) => {}
             }
@@ -461,6 +506,28 @@ mod tests {
                 br#"{"model":"GigaChat/x","metadata":{"Model":"a","model":"b"}}"#
             )
             .is_ok());
+    }
+
+    #[test]
+    fn a_signed_key_only_narrows() {
+        let base = policy(&["GigaChat/*"], Some(1000), MaxTokensMode::Clamp, true, false);
+        let models = ["GigaChat/GigaChat-2-Max".to_string(), "Qwen/*".to_string()];
+        let p = base.narrowed(Some(&models), Some(512), true);
+        // the key's list cannot widen the base list
+        let err = p.inspect(Endpoint::ChatCompletions, br#"{"model":"Qwen/Qwen3"}"#).unwrap_err();
+        assert_eq!(err, PolicyError::ModelNotAllowed("Qwen/Qwen3".into()));
+        let err = p.inspect(Endpoint::ChatCompletions, br#"{"model":"GigaChat/GigaChat-2-Lite"}"#).unwrap_err();
+        assert_eq!((err.status().as_u16(), err.reason()), (403, "model_not_allowed"));
+        // the lower cap wins, in reject mode, and is set when missing
+        let err = p
+            .inspect(Endpoint::ChatCompletions, br#"{"model":"GigaChat/GigaChat-2-Max","max_tokens":600}"#)
+            .unwrap_err();
+        assert!(matches!(err, PolicyError::MaxTokensExceeded { limit: 512, .. }), "{err}");
+        let v = rewritten(p.inspect(Endpoint::ChatCompletions, br#"{"model":"GigaChat/GigaChat-2-Max","stream":true}"#));
+        assert_eq!((v["max_tokens"].as_u64(), v["stream_options"]["include_usage"].as_bool()), (Some(512), Some(true)));
+        // a higher key cap does not lift the base cap
+        let q = base.narrowed(None, Some(5000), false);
+        assert_eq!(q.max_tokens(), Some(1000));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod guard;
 pub mod headers;
 pub mod inspect;
 pub mod path;
+pub mod report;
 pub mod resolve;
 pub mod usage;
 
@@ -67,10 +68,23 @@ pub struct ProxySettings {
     pub queue_timeout: Duration,
     /// Count token usage from responses (`usage.scan`).
     pub usage_scan: bool,
+    /// Token budgets of signed keys (`signed_keys.budget_store`).
+    pub budgets: Option<Budgets>,
+    /// The usage callback's queue (`[usage.callback]`).
+    pub callback: Option<crate::callback::Dispatcher>,
     /// Refuse a `Host` that is not a loopback name (the listener is loopback-only).
     pub loopback_only: bool,
     pub allowed_hosts: Vec<String>,
     pub allowed_origins: Vec<String>,
+}
+
+/// Where signed keys' budgets are kept, and what to do when it cannot be read.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    pub ledger: crate::ledger::Ledger,
+    pub fail_open: bool,
+    /// `sidekey_signed_keys_total{result}`.
+    pub results: prometheus::IntCounterVec,
 }
 
 /// A cheap-to-clone handle on everything a request needs.
@@ -120,6 +134,20 @@ impl Proxy {
             a.client = Some(Arc::clone(&d.client.name));
             a.set = Some(Arc::from(d.payer.name()));
         }
+        if let Ok(d) = &decision {
+            if d.signed.is_some() {
+                guard.set_signed();
+            }
+            if let Some(dispatcher) = &inner.settings.callback {
+                if endpoint.carries_usage() || d.signed.is_some() {
+                    guard.report(report::Report {
+                        started_at: std::time::SystemTime::now(),
+                        event: Some((dispatcher.clone(), usage_event(&req, d, endpoint))),
+                        charge: None,
+                    });
+                }
+            }
+        }
         let result = match (slot, decision) {
             (Ok(slot), Ok(decision)) => {
                 if let Some(slot) = slot {
@@ -133,15 +161,20 @@ impl Proxy {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::prepare_response(&mut parts.headers);
-                if inner.settings.usage_scan && endpoint.carries_usage() && parts.status.is_success() {
+                if (inner.settings.usage_scan || guard.needs_usage())
+                    && endpoint.carries_usage()
+                    && parts.status.is_success()
+                {
                     let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
                     if let Some(scanner) = content_type.and_then(UsageScanner::for_content_type) {
                         guard.scan_usage(scanner);
                     }
                 }
+                let ttfb = start.elapsed();
+                guard.responded(parts.status.as_u16(), Some(ttfb), false);
                 if let Some(a) = guard.access() {
                     a.status = parts.status.as_u16();
-                    a.ttfb = Some(start.elapsed());
+                    a.ttfb = Some(ttfb);
                 }
                 let deadline = inner.settings.request_timeout.map(|t| body::deadline_after(start, t));
                 let body = ResponseBody::upstream(body, inner.settings.idle_timeout, deadline, guard);
@@ -150,6 +183,7 @@ impl Proxy {
             Err(err) => {
                 log_error(&err, endpoint);
                 let mut resp: Response<ResponseBody> = err.to_response();
+                guard.responded(resp.status().as_u16(), None, true);
                 if let Some(a) = guard.access() {
                     a.status = resp.status().as_u16();
                 }
@@ -192,7 +226,7 @@ impl Proxy {
                     .route
                     .target
                     .join(r.rest)
-                    .map(|upstream_uri| Decision { upstream_uri, client: r.client, payer: r.payer })
+                    .map(|upstream_uri| Decision { upstream_uri, client: r.client, payer: r.payer, signed: r.signed })
                     .map_err(ProxyError::BadUpstreamRequest);
                 (endpoint, decision)
             }
@@ -202,6 +236,8 @@ impl Proxy {
                     CallerError::Traversal => ProxyError::BadPath,
                     CallerError::MissingKey => ProxyError::Unauthenticated(AuthFailure::MissingKey),
                     CallerError::UnknownKey => ProxyError::Unauthenticated(AuthFailure::UnknownKey),
+                    CallerError::Signed(e) => ProxyError::Unauthenticated(AuthFailure::SignedKey(e)),
+                    CallerError::UnknownClient => ProxyError::Unauthenticated(AuthFailure::UnknownClient),
                 };
                 (Endpoint::classify(req.uri().path()), Err(err))
             }
@@ -238,6 +274,21 @@ impl Proxy {
             }
         }
     }
+}
+
+/// The usage callback event of a request, with what is known before it is forwarded.
+fn usage_event(req: &Request<Incoming>, d: &Decision, endpoint: Endpoint) -> crate::callback::UsageEvent {
+    let mut e = crate::callback::UsageEvent::new();
+    e.client = Some(d.client.name.to_string());
+    e.set = Some(d.payer.name().to_string());
+    e.endpoint = endpoint.as_str().to_string();
+    e.request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    if let Some(k) = &d.signed {
+        e.jti = k.jti().map(str::to_string);
+        e.sub = k.sub().map(str::to_string);
+        e.event_id = k.event_id().map(str::to_string);
+    }
+    e
 }
 
 pub(crate) fn is_json(headers: &http::HeaderMap) -> bool {

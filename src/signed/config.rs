@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::config::{ConfigError, MAX_DURATION_SECS};
 
 /// How signed keys are verified. Exactly one of `hs256_secret_file` and `public_key_file` is set.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SignedKeysConfig {
     /// HS256 shared secrets, one per line (each at least 32 bytes, used as written, not
@@ -37,6 +37,24 @@ pub struct SignedKeysConfig {
     pub budget_fail_open: bool,
     /// How often the key file is re-checked for a rotation.
     pub key_poll_secs: u64,
+}
+
+impl std::fmt::Debug for SignedKeysConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A Redis URL may carry a password.
+        f.debug_struct("SignedKeysConfig")
+            .field("hs256_secret_file", &self.hs256_secret_file)
+            .field("public_key_file", &self.public_key_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway_secs", &self.leeway_secs)
+            .field("max_lifetime_secs", &self.max_lifetime_secs)
+            .field("credentials", &self.credentials)
+            .field("budget_store", &crate::config::redact_url(&self.budget_store))
+            .field("budget_fail_open", &self.budget_fail_open)
+            .field("key_poll_secs", &self.key_poll_secs)
+            .finish()
+    }
 }
 
 impl Default for SignedKeysConfig {

@@ -145,6 +145,11 @@ impl ClientTable {
         self.clients.is_empty()
     }
 
+    /// The configured client with this name (a signed key's `client` claim).
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Client>> {
+        self.clients.iter().find(|c| &*c.name == name)
+    }
+
     /// The client a presented key belongs to.
     pub fn lookup(&self, key: &str) -> Option<&Arc<Client>> {
         self.keys.load().find(key).and_then(|i| self.clients.get(i))
