@@ -9,22 +9,22 @@ use std::time::Duration;
 use super::AppError;
 use crate::client::{self, ClientSettings};
 use crate::config::{self, parse_base_url, AuthConfig, Config, ConfigError, Provider, DEFAULT_SET};
+use crate::ledger::{Ledger, LedgerSettings};
 use crate::metrics::Metrics;
 use crate::proxy::inspect::Policy;
 use crate::proxy::path::{Target, API_PREFIX};
 use crate::proxy::resolve::clients::{Client, ClientTable, KeyIndex};
 use crate::proxy::resolve::pairs::{PairCache, PairSettings};
 use crate::proxy::resolve::routes::{Route, RouteTable};
-use crate::ledger::{Ledger, LedgerSettings};
 use crate::proxy::resolve::{Resolver, SignedGate};
 use crate::proxy::Budgets;
 use crate::signed::Verifier;
-use prometheus::{IntCounter, IntCounterVec};
 use crate::token::credential::CredentialSource;
 use crate::token::iam::{Protocol, TokenClient};
 use crate::token::refresher::{RefreshSettings, Refresher};
 use crate::token::sets::{TokenSet, TokenSets};
 use crate::token::TokenStore;
+use prometheus::{IntCounter, IntCounterVec};
 
 /// Everything the gateway runs on.
 pub(super) struct Gateway {
@@ -70,7 +70,11 @@ fn token_client(
     ))
 }
 
-pub(super) fn build(config: &Config, metrics: &Metrics, signed_results: &IntCounterVec) -> Result<Gateway, AppError> {
+pub(super) fn build(
+    config: &Config,
+    metrics: &Metrics,
+    signed_results: &IntCounterVec,
+) -> Result<Gateway, AppError> {
     let ca_file = config.upstream.ca_file.as_deref();
     let include_stream_usage = config.usage.include_stream_usage;
     let mut sets = Vec::new();
@@ -188,7 +192,14 @@ pub(super) fn build(config: &Config, metrics: &Metrics, signed_results: &IntCoun
         let gate = SignedGate {
             verifier: v.clone(),
             set: set(&sk.credentials, "signed_keys.credentials".into())?,
-            client: Arc::new(Client::new("signed", None, Arc::clone(&global), None, requests.clone(), tokens.clone())),
+            client: Arc::new(Client::new(
+                "signed",
+                None,
+                Arc::clone(&global),
+                None,
+                requests.clone(),
+                tokens.clone(),
+            )),
             results: signed_results.clone(),
         };
         resolver = resolver.with_signed_keys(gate);

@@ -17,13 +17,13 @@ use super::budget::Reservation;
 use super::error::{AuthFailure, ProxyError};
 use super::inspect::{Policy, Verdict};
 use super::path::Endpoint;
-use super::resolve::clients::Client;
 use super::report::Charge;
+use super::resolve::clients::Client;
 use super::resolve::Payer;
-use crate::signed::SignedKey;
 use super::{content_length, headers, is_json, Proxy};
-use crate::token::refresher::error_chain;
 use crate::metrics::Metrics;
+use crate::signed::SignedKey;
+use crate::token::refresher::error_chain;
 
 /// What [`super::resolve::Resolver`] decided, owned: the upstream URI, the caller, the payer.
 #[derive(Debug)]
@@ -55,9 +55,9 @@ impl Proxy {
         let Decision { upstream_uri, client, payer, signed } = decision;
         // A signed key narrows its client's policy: its models, its cap, usage on every stream
         // when it has a budget.
-        let narrowed = signed.as_ref().map(|k| {
-            client.policy.narrowed(k.models(), k.max_tokens(), k.budget_tokens().is_some())
-        });
+        let narrowed = signed
+            .as_ref()
+            .map(|k| client.policy.narrowed(k.models(), k.max_tokens(), k.budget_tokens().is_some()));
         let policy = narrowed.as_ref().unwrap_or(&*client.policy);
         let has_body = !http_body::Body::is_end_stream(req.body());
         let encoding = req.headers().get(http::header::CONTENT_ENCODING).map(|v| v.as_bytes());
@@ -302,7 +302,12 @@ impl Proxy {
     /// A signed key with a budget: admitted while what it used is below its budget (the request
     /// that crosses it completes), charged when it ends. A store that cannot be read refuses
     /// (503) unless `signed_keys.budget_fail_open`.
-    async fn admit_budget(&self, key: &Arc<SignedKey>, policy: &Policy, guard: &mut RequestGuard) -> Result<(), ProxyError> {
+    async fn admit_budget(
+        &self,
+        key: &Arc<SignedKey>,
+        policy: &Policy,
+        guard: &mut RequestGuard,
+    ) -> Result<(), ProxyError> {
         let (Some(budget), Some(budgets), Some(jti)) =
             (key.budget_tokens(), &self.inner.settings.budgets, key.jti())
         else {

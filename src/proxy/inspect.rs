@@ -516,15 +516,21 @@ mod tests {
         // the key's list cannot widen the base list
         let err = p.inspect(Endpoint::ChatCompletions, br#"{"model":"Qwen/Qwen3"}"#).unwrap_err();
         assert_eq!(err, PolicyError::ModelNotAllowed("Qwen/Qwen3".into()));
-        let err = p.inspect(Endpoint::ChatCompletions, br#"{"model":"GigaChat/GigaChat-2-Lite"}"#).unwrap_err();
+        let err =
+            p.inspect(Endpoint::ChatCompletions, br#"{"model":"GigaChat/GigaChat-2-Lite"}"#).unwrap_err();
         assert_eq!((err.status().as_u16(), err.reason()), (403, "model_not_allowed"));
         // the lower cap wins, in reject mode, and is set when missing
         let err = p
             .inspect(Endpoint::ChatCompletions, br#"{"model":"GigaChat/GigaChat-2-Max","max_tokens":600}"#)
             .unwrap_err();
         assert!(matches!(err, PolicyError::MaxTokensExceeded { limit: 512, .. }), "{err}");
-        let v = rewritten(p.inspect(Endpoint::ChatCompletions, br#"{"model":"GigaChat/GigaChat-2-Max","stream":true}"#));
-        assert_eq!((v["max_tokens"].as_u64(), v["stream_options"]["include_usage"].as_bool()), (Some(512), Some(true)));
+        let v = rewritten(
+            p.inspect(Endpoint::ChatCompletions, br#"{"model":"GigaChat/GigaChat-2-Max","stream":true}"#),
+        );
+        assert_eq!(
+            (v["max_tokens"].as_u64(), v["stream_options"]["include_usage"].as_bool()),
+            (Some(512), Some(true))
+        );
         // a higher key cap does not lift the base cap
         let q = base.narrowed(None, Some(5000), false);
         assert_eq!(q.max_tokens(), Some(1000));

@@ -226,7 +226,12 @@ impl Proxy {
                     .route
                     .target
                     .join(r.rest)
-                    .map(|upstream_uri| Decision { upstream_uri, client: r.client, payer: r.payer, signed: r.signed })
+                    .map(|upstream_uri| Decision {
+                        upstream_uri,
+                        client: r.client,
+                        payer: r.payer,
+                        signed: r.signed,
+                    })
                     .map_err(ProxyError::BadUpstreamRequest);
                 (endpoint, decision)
             }

@@ -63,7 +63,11 @@ impl Report {
             event.model = scan.and_then(|s| s.model.clone()).or_else(|| model.map(str::to_string));
             event.usage = usage.map(EventUsage::from);
             event.outcome = if ending.local {
-                if ending.status >= 500 { Outcome::UpstreamError } else { Outcome::Refused }
+                if ending.status >= 500 {
+                    Outcome::UpstreamError
+                } else {
+                    Outcome::Refused
+                }
             } else if ending.upstream_failed || ending.status >= 500 {
                 Outcome::UpstreamError
             } else if ending.finished {

@@ -187,9 +187,8 @@ impl Resolver {
         route: &'a Route,
         rest: &'a str,
     ) -> Result<Resolved<'a>, CallerError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let claims = match gate.verifier.verify(key, now) {
             Ok(claims) => claims,
             Err(e) => {
