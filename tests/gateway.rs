@@ -484,6 +484,15 @@ async fn two_caller_pairs_never_see_each_others_token() {
     assert_eq!(get(&url, Some("KEYID-user-1:SECRET-other")).await.0, 200);
     assert_eq!(iam.calls_for("KEYID-user-1"), 2);
     assert_ne!(up.seen().pop().unwrap().bearer().unwrap(), tokens["KEYID-user-1"]);
+    // A pair in the api-key header works the same, and never reaches the upstream.
+    let resp = client().get(&url).header("api-key", "KEYID-user-3:SECRET-user-3").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = up.seen().pop().unwrap();
+    assert_eq!(iam.lookup(seen.bearer().unwrap()).unwrap().key_id, "KEYID-user-3");
+    for (name, value) in &seen.headers {
+        let v = String::from_utf8_lossy(value.as_bytes());
+        assert!(!v.contains("SECRET-user-3"), "the caller's secret is not forwarded ({name}: {v})");
+    }
     // The configured client still pays with the default set.
     assert_eq!(get(&url, Some("sk-app")).await.0, 200);
     assert_eq!(last_key_id(&iam, &up), PRIMARY_KEY);
