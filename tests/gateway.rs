@@ -520,7 +520,11 @@ async fn concurrent_first_requests_for_a_pair_share_one_fetch() {
 #[tokio::test]
 async fn a_pair_the_iam_rejects_gets_401_and_is_forgotten() {
     let iam = FakeIam::start().await;
-    iam.set("KEYID-revoked", Iam::Status(401, r#"{"error":"invalid credentials"}"#, None));
+    // The IAM's reason echoes the secret, as some servers do.
+    iam.set(
+        "KEYID-revoked",
+        Iam::Status(401, r#"{"error":"invalid credentials: secret SECRET-revoked-xyz is unknown"}"#, None),
+    );
     let up = FakeUpstream::ok().await;
     let sc = start_sidecar(byok_config(&iam, &up.base_url())).await;
     sc.ready().await;
@@ -530,7 +534,7 @@ async fn a_pair_the_iam_rejects_gets_401_and_is_forgotten() {
     assert_eq!(status, 401, "{body}");
     let message = error_code(&body, "invalid_api_key");
     assert!(!message.contains("SECRET-revoked-xyz"), "{message}");
-    assert!(message.contains("rejected"), "{message}");
+    assert!(message.contains("rejected by IAM (401)"), "the IAM's answer: {message}");
     assert_eq!(iam.calls_for("KEYID-revoked"), 1);
     assert_eq!(up.count(), 0);
 

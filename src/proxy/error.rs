@@ -14,8 +14,6 @@ pub enum AuthFailure {
     MissingKey,
     /// The key belongs to no client.
     UnknownKey,
-    /// A caller-supplied key pair the IAM rejected.
-    PairRejected,
 }
 
 impl std::fmt::Display for AuthFailure {
@@ -25,7 +23,6 @@ impl std::fmt::Display for AuthFailure {
                 "no API key: send one with Authorization: Bearer <key> (or the api-key header)"
             }
             AuthFailure::UnknownKey => "the API key is not valid here",
-            AuthFailure::PairRejected => "the key pair (key_id:secret) was rejected by the IAM",
         })
     }
 }
@@ -59,6 +56,10 @@ pub enum ProxyError {
     ClientOverloaded { client: std::sync::Arc<str>, limit: usize },
     #[error("{0}")]
     Unauthenticated(AuthFailure),
+    /// A caller-supplied key pair the IAM rejected, with the IAM's reason (redacted of the
+    /// pair like every token endpoint error).
+    #[error("the key pair (key_id:secret) was rejected by the IAM: {reason}")]
+    PairRejected { reason: String },
     #[error("upstream unreachable")]
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("upstream did not answer within {0:?}")]
@@ -90,7 +91,7 @@ impl ProxyError {
             ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthenticated(_) | ProxyError::PairRejected { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::ClientAborted => StatusCode::BAD_REQUEST,
             ProxyError::Policy(e) => e.status(),
@@ -111,7 +112,7 @@ impl ProxyError {
             ProxyError::BufferFull => "buffer_full",
             ProxyError::NoToken { .. } => "no_valid_token",
             ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } => "too_many_requests",
-            ProxyError::Unauthenticated(_) => "invalid_api_key",
+            ProxyError::Unauthenticated(_) | ProxyError::PairRejected { .. } => "invalid_api_key",
             ProxyError::Policy(e) => e.reason(),
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::ClientAborted => "bad_request_body",
