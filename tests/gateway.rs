@@ -43,13 +43,14 @@ fn client_with_keys(name: &str, keys: &[&str]) -> ClientConfig {
 
 /// A credential set beside the default one, at the same fake IAM, with one inline credential.
 fn set(iam: &FakeIam, key_id: &str, secret: &str) -> AuthConfig {
-    let mut a = AuthConfig::default();
-    a.token_url = iam.url();
-    a.backoff_initial_ms = 100;
-    a.backoff_max_ms = 400;
-    a.timeout_secs = 2;
-    a.credentials = vec![credential("primary", key_id, secret)];
-    a
+    AuthConfig {
+        token_url: iam.url(),
+        backoff_initial_ms: 100,
+        backoff_max_ms: 400,
+        timeout_secs: 2,
+        credentials: vec![credential("primary", key_id, secret)],
+        ..Default::default()
+    }
 }
 
 /// A fresh directory for one test's files.
