@@ -218,3 +218,64 @@ fn provider_fields_are_checked() {
     assert_eq!(out.status.code(), Some(64));
     assert!(text(&out).1.contains("auth.token_url"));
 }
+
+/// Replaces every `*_file` in a TOML tree with a file of its own in `dir` (the real ones exist
+/// only where sidekey runs): distinct contents, so no key is listed for two clients.
+fn with_temp_files(value: &mut toml::Value, dir: &std::path::Path, n: &mut u32) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                if k.ends_with("_file") && v.is_str() {
+                    *n += 1;
+                    let file = dir.join(format!("file-{n}"));
+                    std::fs::write(&file, format!("# stand-in\nstandin-{n}-{}\n", fastrand::u64(..)))
+                        .unwrap();
+                    #[cfg(unix)]
+                    {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+                    }
+                    *v = toml::Value::String(file.display().to_string());
+                } else {
+                    with_temp_files(v, dir, n);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(|v| with_temp_files(v, dir, n)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_gateway_examples_load_and_validate() {
+    for (path, check) in [
+        (
+            "config/gateway.example.toml",
+            (|c: &Config| c.clients.len() == 2 && c.clients[0].policy.is_some()) as fn(&Config) -> bool,
+        ),
+        ("config/teams.example.toml", |c| {
+            c.auth.sets.len() == 2 && c.clients.iter().any(|k| k.credentials.is_some())
+        }),
+        ("config/routes.example.toml", |c| c.routes.len() == 2 && c.clients.is_empty()),
+        ("config/byok.example.toml", |c| c.caller_credentials.enabled),
+    ] {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut value: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let dir = temp_config("unused", "").parent().unwrap().to_path_buf();
+        with_temp_files(&mut value, &dir, &mut 0);
+        let config: Config =
+            toml::from_str(&toml::to_string(&value).unwrap()).unwrap_or_else(|e| panic!("{path}: {e}"));
+        config.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(check(&config), "{path}: shows its scenario");
+        let _ = std::fs::remove_dir_all(&dir);
+        // Every key is commented: no key line follows a blank line or a section header directly.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let is_key = line.contains(" = ") && !line.starts_with('#');
+            let prev = if i == 0 { "" } else { lines[i - 1] };
+            if is_key && (prev.trim().is_empty() || prev.starts_with('[')) {
+                panic!("{path}:{}: `{line}` has no comment", i + 1);
+            }
+        }
+    }
+}

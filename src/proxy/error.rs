@@ -18,8 +18,6 @@ pub enum AuthFailure {
     MissingKey,
     /// The key belongs to no client.
     UnknownKey,
-    /// A caller-supplied key pair the IAM rejected.
-    PairRejected,
 }
 
 impl std::fmt::Display for AuthFailure {
@@ -31,7 +29,6 @@ impl std::fmt::Display for AuthFailure {
                 "no API key: send one with Authorization: Bearer <key> (or the api-key header)"
             }
             AuthFailure::UnknownKey => "the API key is not valid here",
-            AuthFailure::PairRejected => "the key pair (key_id:secret) was rejected by the IAM",
         })
     }
 }
@@ -69,6 +66,10 @@ pub enum ProxyError {
     BudgetExhausted,
     #[error("the token budget store cannot be reached; retry shortly")]
     BudgetUnavailable,
+    /// A caller-supplied key pair the IAM rejected, with the IAM's reason (redacted of the
+    /// pair like every token endpoint error).
+    #[error("the key pair (key_id:secret) was rejected by the IAM: {reason}")]
+    PairRejected { reason: String },
     #[error("upstream unreachable")]
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("upstream did not answer within {0:?}")]
@@ -100,7 +101,7 @@ impl ProxyError {
             ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthenticated(_) | ProxyError::PairRejected { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -123,7 +124,7 @@ impl ProxyError {
             ProxyError::BufferFull => "buffer_full",
             ProxyError::NoToken { .. } => "no_valid_token",
             ProxyError::Overloaded { .. } | ProxyError::ClientOverloaded { .. } => "too_many_requests",
-            ProxyError::Unauthenticated(_) => "invalid_api_key",
+            ProxyError::Unauthenticated(_) | ProxyError::PairRejected { .. } => "invalid_api_key",
             ProxyError::BudgetExhausted => "budget_exhausted",
             ProxyError::BudgetUnavailable => "budget_unavailable",
             ProxyError::Policy(e) => e.reason(),

@@ -14,7 +14,7 @@ use super::body::{
     self, BodyShared, ReplayBody, RequestBody, RequestBodySettings, RequestGuard, UpstreamBody,
 };
 use super::budget::Reservation;
-use super::error::{AuthFailure, ProxyError};
+use super::error::ProxyError;
 use super::inspect::{Policy, Verdict};
 use super::path::Endpoint;
 use super::report::Charge;
@@ -371,7 +371,7 @@ impl Proxy {
                 if let Some(cache) = settings.resolver.pairs() {
                     cache.evict(pair);
                 }
-                return ProxyError::Unauthenticated(AuthFailure::PairRejected);
+                return ProxyError::PairRejected { reason: u.message };
             }
             ProxyError::NoToken {
                 retry_after_secs: u.retry_after_secs(now),

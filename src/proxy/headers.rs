@@ -43,12 +43,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Prepares client request headers for upstream: hop-by-hop gone, `Host` left for the client to
-/// set from the upstream URI, and the client's `Authorization` dropped (sidekey injects its own).
+/// set from the upstream URI, and the client's credentials dropped: `Authorization` (sidekey
+/// injects its own) and `api-key`, which carries a client key or a caller's key pair just as
+/// well and must not reach the upstream either.
 pub fn prepare_request(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
+    headers.remove(API_KEY);
 }
+
+/// The other header a client key arrives in (see `resolve::presented_key`).
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
 /// Prepares upstream response headers for the client; an echoed `Authorization` never leaves.
 pub fn prepare_response(headers: &mut HeaderMap) {
@@ -74,6 +80,7 @@ mod tests {
         let mut h = map(&[
             ("host", "127.0.0.1:8181"),
             ("authorization", "Bearer client-key"),
+            ("api-key", "KEYID:SECRET"),
             ("connection", "keep-alive, X-Secret-Hop"),
             ("x-secret-hop", "1"),
             ("keep-alive", "timeout=5"),

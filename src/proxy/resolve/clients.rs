@@ -85,12 +85,17 @@ impl std::fmt::Debug for KeyIndex {
 
 impl KeyIndex {
     /// Reads every client's keys (files included). Errors name the client and field, never a
-    /// key; a key listed for two clients is an error.
+    /// key; a key listed for two clients, or a client left without a key, is an error.
     pub fn build(clients: &[ClientConfig]) -> Result<Self, String> {
         let mut digests: Vec<([u8; 32], u64)> = Vec::new();
         for (i, c) in clients.iter().enumerate() {
             let keys =
                 client_digests(c).map_err(|(field, reason)| format!("clients[{i}].{field}: {reason}"))?;
+            // As at start-up: a client without a key is a mistake (an emptied or half-written
+            // keys file), not a way to revoke it; the last good keys stay.
+            if keys.is_empty() {
+                return Err(format!("clients[{i}].keys_file: client {:?} has no key", c.name));
+            }
             for d in keys {
                 if let Some((_, other)) = digests.iter().find(|(e, _)| *e == d) {
                     if *other as usize != i {
