@@ -76,7 +76,12 @@ pub async fn spawn_unready(iam: &FakeIam, upstream: &str, extra: &str) -> Proc {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    // The test's own SIDEKEY_* variables (SIDEKEY_CHURN_SECS, ...) would be read as config keys.
+    for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("SIDEKEY_")) {
+        command.env_remove(name);
+    }
+    let mut child = command
         .args(["--config", path.to_str().unwrap()])
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
