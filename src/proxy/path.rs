@@ -212,6 +212,8 @@ const MAX_DECODE_ROUNDS: usize = 8;
 
 /// One percent-decoding pass, or `None` if there was nothing to decode.
 fn percent_decode_once(bytes: &[u8]) -> Option<Vec<u8>> {
+    // The common case (no escape at all) allocates nothing.
+    memchr::memchr(b'%', bytes)?;
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(bytes.len());
     let mut changed = false;
