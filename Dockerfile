@@ -15,7 +15,7 @@
 # ---- build ----------------------------------------------------------------------------------
 # Pinned to the crate's rust-version (Cargo.toml) so the image is built by the compiler we
 # promise to support; bump the two together. bookworm matches the runtime's glibc (Debian 12).
-FROM rust:1.85-bookworm AS build
+FROM rust:1.88-bookworm AS build
 
 # bash with pipefail for the version check below (a failing command in a pipe fails the build).
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
