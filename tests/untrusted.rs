@@ -127,6 +127,15 @@ async fn a_signed_key_is_scoped_and_refused_clearly() {
         assert!(message.contains(reason), "{message}");
         assert!(!message.contains(&key[..20]) && !body.to_string().contains(key.as_str()), "{body}");
     }
+    // With signed keys on, a request without one is not trusted (no [[clients]] needed).
+    for auth in [None, Some("sk-not-a-signed-key")] {
+        let mut req = client().post(sc.url("/v1/chat/completions")).json(&hello("demo/echo"));
+        if let Some(k) = auth {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{auth:?}");
+    }
     let metrics = sc.metrics.render();
     for result in ["accepted", "expired", "bad_signature", "out_of_scope"] {
         let v = metric_value(&metrics, &format!("sidekey_signed_keys_total{{result=\"{result}\"}}"));
@@ -160,6 +169,8 @@ async fn a_budget_admits_until_used_up_and_the_crossing_request_completes() {
     let streaming = secret.key(|a| a.budget_tokens = Some(5));
     let mut body = hello("demo/echo");
     body["stream"] = true.into();
+    // Even a caller that asks for no usage gets it: the budget must see what the stream used.
+    body["stream_options"] = serde_json::json!({"include_usage": false});
     let resp = client()
         .post(sc.url("/v1/chat/completions"))
         .bearer_auth(&streaming)

@@ -210,7 +210,12 @@ pub(super) fn build(
             ledger: Ledger::from_url(&sk.budget_store, settings)?,
             fail_open: sk.budget_fail_open,
             results: signed_results.clone(),
+            runtime: tokio::runtime::Handle::current(),
         });
+        // Every signed request is paid by this set, as every request on a route by the route's.
+        if !ready_sets.contains(&sk.credentials) {
+            ready_sets.push(sk.credentials.clone());
+        }
         verifier = Some(v);
     } else {
         // In the first scrape whether or not signed keys are configured.

@@ -198,13 +198,17 @@ pub(super) fn validate(config: &Config) -> Result<(), ConfigError> {
     )?;
     at_most("caller_credentials.max_fetches_per_sec", u64::from(cc.max_fetches_per_sec), 100_000, "")?;
     let s = &config.server;
-    if !s.listen.ip().is_loopback() && config.clients.is_empty() && !s.open_proxy {
+    if !s.listen.ip().is_loopback()
+        && config.clients.is_empty()
+        && config.signed_keys.is_none()
+        && !s.open_proxy
+    {
         return Err(ConfigError::invalid(
             "server.listen",
             format!(
                 "{} is reachable from the network, so callers must authenticate: configure [[clients]] \
-                 with their keys, or set server.open_proxy = true if a layer in front of sidekey \
-                 authenticates them",
+                 with their keys (or [signed_keys]), or set server.open_proxy = true if a layer in \
+                 front of sidekey authenticates them",
                 s.listen
             ),
         ));

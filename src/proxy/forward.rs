@@ -341,6 +341,7 @@ impl Proxy {
             key: Arc::clone(key),
             fallback: policy.max_tokens().unwrap_or(left).min(left.max(1)),
             results: budgets.results.clone(),
+            runtime: budgets.runtime.clone(),
         });
         Ok(())
     }

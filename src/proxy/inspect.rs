@@ -22,6 +22,9 @@ pub struct Policy {
     include_stream_usage: bool,
     /// A signed key's `model` claim: a model must also match one of these.
     key_models: Vec<Glob>,
+    /// A signed key with a budget: the policy fails closed (allowed endpoints only, bodies
+    /// read), and every stream reports usage, whatever the request says.
+    budgeted: bool,
 }
 
 /// What the policy decided about a request body.
@@ -132,6 +135,7 @@ impl Policy {
             max_body: policy.max_body_bytes,
             include_stream_usage,
             key_models: Vec::new(),
+            budgeted: false,
         }
     }
 
@@ -152,6 +156,7 @@ impl Policy {
             p.max_choices = Some(p.max_choices.unwrap_or(1));
         }
         p.include_stream_usage |= budgeted;
+        p.budgeted |= budgeted;
         p
     }
 
@@ -166,6 +171,7 @@ impl Policy {
     /// and one that is not JSON is refused).
     pub fn enforces(&self) -> bool {
         !self.allowed_models.is_empty()
+            || self.budgeted
             || !self.key_models.is_empty()
             || self.max_tokens.is_some()
             || self.max_choices.is_some()
@@ -318,9 +324,26 @@ impl Policy {
                 }
             }
         }
-        if self.include_stream_usage
+        let streaming = json.get("stream") == Some(&Value::Bool(true));
+        if self.budgeted && streaming && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+        {
+            // A budget must see what a stream used: usage is requested whatever the caller asked.
+            let asked =
+                json.get("stream_options").and_then(|o| o.get("include_usage")) == Some(&Value::Bool(true));
+            if !asked {
+                match json.get_mut("stream_options") {
+                    Some(Value::Object(options)) => {
+                        options.insert("include_usage".into(), Value::Bool(true));
+                    }
+                    _ => {
+                        json.insert("stream_options".into(), serde_json::json!({"include_usage": true}));
+                    }
+                }
+                changed = true;
+            }
+        } else if self.include_stream_usage
             && endpoint == Endpoint::ChatCompletions
-            && json.get("stream") == Some(&Value::Bool(true))
+            && streaming
             && !json.contains_key("stream_options")
         {
             json.insert("stream_options".into(), serde_json::json!({"include_usage": true}));

@@ -85,6 +85,8 @@ pub struct Budgets {
     pub fail_open: bool,
     /// `sidekey_signed_keys_total{result}`.
     pub results: prometheus::IntCounterVec,
+    /// The control runtime: charges run there, so stopping the proxy workers cannot drop them.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// A cheap-to-clone handle on everything a request needs.

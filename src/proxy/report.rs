@@ -22,6 +22,8 @@ pub struct Charge {
     pub fallback: u64,
     /// `sidekey_budget_store_errors_total` is counted by the ledger; failed charges are logged.
     pub results: IntCounterVec,
+    /// Where the charge runs: the control runtime, which outlives the proxy workers at shutdown.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// How the request ended, as the guard saw it.
@@ -51,8 +53,9 @@ impl Report {
     pub fn finish(self, ending: Ending, scan: Option<&Scan>, model: Option<&str>, elapsed: Duration) {
         let usage = scan.and_then(|s| s.usage);
         if let Some(charge) = self.charge {
-            // Nothing went upstream: nothing to charge.
-            if !ending.local {
+            // Charged when upstream answered with success: reported usage, else the fallback.
+            // A refusal or an upstream error generated nothing to pay for.
+            if !ending.local && (200..300).contains(&ending.status) {
                 let tokens = usage.map_or(charge.fallback, |u| u.total);
                 spawn_charge(charge, tokens);
             }
@@ -83,10 +86,10 @@ impl Report {
     }
 }
 
-/// Charges in the background on the current runtime; a failure is logged (by jti tag only).
+/// Charges in the background on the control runtime; a failure is logged (by jti tag only).
 fn spawn_charge(charge: Charge, tokens: u64) {
     let Some(jti) = charge.key.jti().map(str::to_string) else { return };
-    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+    let handle = charge.runtime.clone();
     handle.spawn(async move {
         if let Err(e) = charge.ledger.charge(&jti, tokens, charge.key.valid_until()).await {
             charge.results.with_label_values(&["budget_unavailable"]).inc();

@@ -168,7 +168,9 @@ impl Resolver {
                 return Ok(Resolved { route, rest, client, payer: Payer::Pair(pair), signed: None });
             }
         }
-        if self.clients.is_empty() {
+        // Anyone is trusted only while no caller authentication is configured at all: with
+        // signed keys on, a request without one is refused like one without a client key.
+        if self.clients.is_empty() && self.signed.is_none() {
             let client = Arc::clone(&self.anonymous);
             return Ok(Resolved { route, rest, client, payer: Payer::Set(route.set.clone()), signed: None });
         }

@@ -36,13 +36,19 @@ pub struct PairSettings {
 }
 
 /// One pair's token lifecycle.
-#[derive(Debug)]
 pub struct PairEntry {
     pub store: TokenStore,
     digest: [u8; 32],
     /// Stops the pair's refresher.
     cancel: CancellationToken,
     last_used_ms: AtomicU64,
+}
+
+impl std::fmt::Debug for PairEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The digest of a key pair is as sensitive as the pair.
+        f.debug_struct("PairEntry").field("store", &self.store).finish_non_exhaustive()
+    }
 }
 
 impl Drop for PairEntry {
