@@ -816,28 +816,7 @@ async fn client_metrics_count_requests_and_tokens_per_client() {
 
 /// Runs a Python snippet with `BASE_URL` and `API_KEY` set; returns its stdout.
 async fn python(base_url: &str, api_key: &str, script: &str) -> String {
-    let out = timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .env("BASE_URL", base_url)
-            .env("API_KEY", api_key)
-            .env_remove("OPENAI_API_KEY")
-            .env_remove("OPENAI_BASE_URL")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("python finished in time")
-    .expect("python3 runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'openai'"),
-        "the OpenAI Python SDK is missing: pip install openai (.ci/run does)"
-    );
-    assert!(out.status.success(), "python failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    support::python::run(script, &[("BASE_URL", base_url), ("API_KEY", api_key)]).await
 }
 
 const SDK_CHAT: &str = r#"

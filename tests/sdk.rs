@@ -8,30 +8,10 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use support::*;
-use tokio::time::timeout;
 
-/// Runs a Python snippet with `BASE_URL` set; returns its stdout, failing on a non-zero exit.
 async fn python(base_url: &str, script: &str) -> String {
-    let out = timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .env("BASE_URL", base_url)
-            .env("OPENAI_API_KEY", "sk-not-used-by-sidekey")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("python finished in time")
-    .expect("python3 runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("No module named 'openai'"),
-        "the OpenAI Python SDK is missing: pip install openai (.ci/run does)"
-    );
-    assert!(out.status.success(), "python failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    support::python::run(script, &[("BASE_URL", base_url), ("OPENAI_API_KEY", "sk-not-used-by-sidekey")])
+        .await
 }
 
 #[tokio::test]

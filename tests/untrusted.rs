@@ -274,23 +274,8 @@ stream = client.chat.completions.create(model="demo/echo", stream=True,
     messages=[{"role": "user", "content": "stream me please"}])
 print("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
 "#;
-    let py = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .env("BASE_URL", sc.url("/v1"))
-            .env("SIGNED_KEY", &key)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&py.stderr);
-    assert!(!stderr.contains("No module named 'openai'"), "pip install openai (.ci/run does)");
-    assert!(py.status.success(), "{stderr}");
-    assert!(String::from_utf8_lossy(&py.stdout).contains("stream me please"));
+    let out = support::python::run(script, &[("BASE_URL", &sc.url("/v1")), ("SIGNED_KEY", &key)]).await;
+    assert!(out.contains("stream me please"));
     let ev = Arc::clone(&events);
     eventually("the usage event arrives", || !ev.lock().unwrap().is_empty()).await;
     let event = events.lock().unwrap()[0].clone();

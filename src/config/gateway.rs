@@ -249,7 +249,12 @@ pub fn keys_in(text: &str) -> impl Iterator<Item = &str> {
 
 /// SHA-256 of a key.
 pub fn digest_of(key: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    sha256(key.as_bytes())
+}
+
+/// SHA-256 of any bytes (keys, key files' contents).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out

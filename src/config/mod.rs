@@ -30,7 +30,8 @@ pub use self::auth::{AuthConfig, ClientAuth, CredentialConfig, FilePolicy, Provi
 use self::check::{at_most, MAX_COUNT};
 pub use self::check::{parse_base_url, redact_url, MAX_DURATION_SECS};
 pub use self::gateway::{
-    client_digests, digest_of, keys_in, sets, CallerCredentialsConfig, ClientConfig, RouteConfig, DEFAULT_SET,
+    client_digests, digest_of, keys_in, sets, sha256, CallerCredentialsConfig, ClientConfig, RouteConfig,
+    DEFAULT_SET,
 };
 pub use self::observe::{LogConfig, LogFormat, MetricsConfig, UsageConfig};
 pub use self::policy::{MaxTokensMode, PolicyConfig, DEFAULT_POLICY_ENDPOINTS};

@@ -92,9 +92,7 @@ fn is_ip_literal(host: &str) -> bool {
 
 /// TRACE, and Microsoft's TRACK, echo the request (and the injected token) back.
 pub(super) fn is_trace(method: &Method) -> bool {
-    method == Method::TRACE
-        || method.as_str().eq_ignore_ascii_case("TRACK")
-        || method.as_str().eq_ignore_ascii_case("TRACE")
+    method.as_str().eq_ignore_ascii_case("TRACE") || method.as_str().eq_ignore_ascii_case("TRACK")
 }
 
 /// `host[:port]` or `[v6]:port` without the port.

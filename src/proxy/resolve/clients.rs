@@ -12,7 +12,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{client_digests, digest_of, ClientConfig};
+use crate::config::{client_digests, digest_of, sha256, ClientConfig};
 use crate::proxy::inspect::Policy;
 use crate::token::sets::TokenSet;
 
@@ -212,15 +212,8 @@ impl ClientTable {
 fn fingerprint(config: &[ClientConfig]) -> Vec<Option<[u8; 32]>> {
     config
         .iter()
-        .map(|c| c.keys_file.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| digest_of_bytes(&b)))
+        .map(|c| c.keys_file.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| sha256(&b)))
         .collect()
-}
-
-fn digest_of_bytes(bytes: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 #[cfg(test)]
