@@ -38,6 +38,8 @@ pub struct ClientSettings<'a> {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Offer h2 by ALPN (else HTTP/1.1 only). Used by [`connector`].
+    pub http2: bool,
 }
 
 /// An HTTPS-or-HTTP connector with TCP_NODELAY and a connect timeout.
@@ -67,12 +69,12 @@ pub fn connector(settings: &ClientSettings<'_>) -> Result<Connector, ClientError
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
-    Ok(HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http))
+    let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1();
+    Ok(if settings.http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    })
 }
 
 /// A pooled client over `connector`.

@@ -204,6 +204,7 @@ fn channel(config: &CallbackConfig) -> (Dispatcher, Delivery, CallbackMetrics) {
         connect_timeout: Duration::from_millis(config.timeout_ms),
         pool_idle_timeout: Duration::from_secs(10),
         pool_max_idle_per_host: 1,
+        http2: true,
     };
     let metrics = CallbackMetrics::register(&prometheus::Registry::new());
     let (dispatcher, delivery) =

@@ -52,6 +52,7 @@ fn token_client(
         connect_timeout: Duration::from_secs(a.connect_timeout_secs),
         pool_idle_timeout: Duration::from_secs(90),
         pool_max_idle_per_host: 4,
+        http2: true,
     };
     let protocol = match a.provider {
         Provider::CloudruIam => Protocol::CloudruIam,

@@ -106,6 +106,7 @@ impl App {
             connect_timeout: Duration::from_secs(u.connect_timeout_secs),
             pool_idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
             pool_max_idle_per_host: u.pool_max_idle_per_host,
+            http2: u.http2,
         };
         let upstream_connector = client::connector(&upstream_settings)?;
         let callback = match &config.usage.callback {
@@ -298,6 +299,7 @@ impl App {
             connect_timeout: Duration::from_secs(u.connect_timeout_secs),
             pool_idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
             pool_max_idle_per_host: u.pool_max_idle_per_host,
+            http2: u.http2,
         };
         let worker_stop = CancellationToken::new();
         // Also stops the workers if this future is dropped instead of finishing.

@@ -81,6 +81,7 @@ impl Delivery {
             pool_idle_timeout: Duration::from_secs(90),
             // One POST at a time: one connection is all the pool needs.
             pool_max_idle_per_host: 1,
+            http2: true,
         };
         Ok(Self {
             rx,
@@ -268,6 +269,7 @@ mod tests {
             connect_timeout: MS(100),
             pool_idle_timeout: MS(100),
             pool_max_idle_per_host: 1,
+            http2: true,
         };
         let connector = client::connector(&settings).unwrap();
         let metrics = CallbackMetrics::register(&prometheus::Registry::new());

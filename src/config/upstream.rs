@@ -25,6 +25,9 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_secs: u64,
     /// Idle pooled connections kept per upstream host at most.
     pub pool_max_idle_per_host: usize,
+    /// Offer HTTP/2 by ALPN on HTTPS upstreams (HTTP/1.1 is always offered too). `false`: HTTP/1.1
+    /// only, one request per pooled connection at a time.
+    pub http2: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -37,6 +40,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             pool_idle_timeout_secs: 90,
             pool_max_idle_per_host: 256,
+            http2: true,
         }
     }
 }
