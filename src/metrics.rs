@@ -427,7 +427,7 @@ impl Metrics {
             self.usage_malformed_total.inc_by(u64::from(scan.malformed));
         }
         let model = scan.model.as_deref().or(request_model);
-        self.model_labels.counters(model, &self.llm_requests_total).record(scan, &self.llm_tokens_total);
+        self.model_labels.record(model, scan, &self.llm_requests_total, &self.llm_tokens_total);
     }
 
     /// The registry, for families registered elsewhere (e.g. [`crate::callback::CallbackMetrics`]).

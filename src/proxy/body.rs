@@ -538,6 +538,9 @@ pin_project! {
             body: Incoming,
             #[pin]
             timer: Sleep,
+            // Set only while the body waits on upstream: a body that arrives without waiting
+            // never touches the timer wheel.
+            armed: bool,
             idle: Duration,
             deadline: Option<Instant>,
         },
@@ -550,7 +553,7 @@ impl ResponseBody {
     pub fn upstream(body: Incoming, idle: Duration, deadline: Option<Instant>, guard: RequestGuard) -> Self {
         let at = next_timer(Instant::now(), idle, deadline);
         Self {
-            kind: Kind::Upstream { body, timer: tokio::time::sleep_until(at), idle, deadline },
+            kind: Kind::Upstream { body, timer: tokio::time::sleep_until(at), armed: true, idle, deadline },
             guard: Some(guard),
         }
     }
@@ -595,9 +598,10 @@ impl Body for ResponseBody {
                 Some(Err(never)) => match never {},
                 None => Poll::Ready(None),
             },
-            KindProj::Upstream { body, mut timer, idle, deadline } => match body.poll_frame(cx) {
+            KindProj::Upstream { body, mut timer, armed, idle, deadline } => match body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    timer.as_mut().reset(next_timer(Instant::now(), *idle, *deadline));
+                    // The silence starts again; the timer is set when (if) the body next waits.
+                    *armed = false;
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -614,6 +618,10 @@ impl Body for ResponseBody {
                     Poll::Ready(None)
                 }
                 Poll::Pending => {
+                    if !*armed {
+                        timer.as_mut().reset(next_timer(Instant::now(), *idle, *deadline));
+                        *armed = true;
+                    }
                     ready!(timer.poll(cx));
                     let err = match deadline {
                         Some(d) if Instant::now() >= *d => BodyError::Deadline,

@@ -17,6 +17,7 @@ use super::budget::Reservation;
 use super::error::ProxyError;
 use super::inspect::{Policy, Verdict};
 use super::path::Endpoint;
+use super::replay::ReplayHead;
 use super::report::Charge;
 use super::resolve::clients::Client;
 use super::resolve::Payer;
@@ -114,7 +115,7 @@ impl Proxy {
         let replayable =
             settings.replay_capacity > 0 && size.is_none_or(|len| len <= settings.replay_capacity);
         // Kept only to rebuild the request for a replay after a 401.
-        let saved = replayable.then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
+        let saved = replayable.then(|| ReplayHead::capture(&parts.method, &parts.uri, &parts.headers));
         let shared = Arc::new(BodyShared::default());
         let (body, buffered) = match outgoing {
             Outgoing::Buffered(bytes) => {
@@ -152,7 +153,7 @@ impl Proxy {
             Some(bytes) => Some(vec![bytes]),
             None => shared.replayable(),
         };
-        let (Some((method, uri, headers)), Some(chunks)) = (saved, chunks) else {
+        let (Some((method, uri, headers)), Some(chunks)) = (saved.and_then(ReplayHead::restore), chunks) else {
             // Not replayable (too large, or still streaming): pass the 401 through, but get the
             // next request a fresh token.
             tokens.report_rejected(token.generation());

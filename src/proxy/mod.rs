@@ -17,6 +17,7 @@ pub mod guard;
 pub mod headers;
 pub mod inspect;
 pub mod path;
+mod replay;
 pub mod report;
 pub mod resolve;
 pub mod usage;
@@ -302,7 +303,9 @@ pub(crate) fn is_json(headers: &http::HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/json"))
+        .is_some_and(|ct| {
+            ct.trim_start().as_bytes().get(..16).is_some_and(|t| t.eq_ignore_ascii_case(b"application/json"))
+        })
 }
 
 pub(crate) fn content_length<B>(req: &Request<B>) -> Option<u64> {

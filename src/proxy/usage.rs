@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use arc_swap::ArcSwap;
 use prometheus::{IntCounter, IntCounterVec};
 
 use std::borrow::Cow;
@@ -446,17 +447,39 @@ impl ModelCounters {
 
 /// Bounds the `model` label: the first `max` distinct models keep their name, later ones are
 /// counted as `other`; a response naming no model counts as `unknown`.
+///
+/// Read on every response by every worker: the map is swapped whole when a model is added
+/// (rarely, `max` times at most), so a lookup takes no lock and writes no shared cache line.
 #[derive(Debug)]
 pub struct ModelLabels {
     max: usize,
-    seen: Mutex<HashMap<String, Arc<ModelCounters>>>,
+    seen: ArcSwap<HashMap<String, Arc<ModelCounters>>>,
+    /// Serialises additions (copy, insert, swap).
+    adding: Mutex<()>,
     other: OnceLock<Arc<ModelCounters>>,
     unknown: OnceLock<Arc<ModelCounters>>,
 }
 
 impl ModelLabels {
     pub fn new(max: usize) -> Self {
-        Self { max, seen: Mutex::default(), other: OnceLock::new(), unknown: OnceLock::new() }
+        Self {
+            max,
+            seen: ArcSwap::default(),
+            adding: Mutex::default(),
+            other: OnceLock::new(),
+            unknown: OnceLock::new(),
+        }
+    }
+
+    /// Records one scanned response under `model`'s counters.
+    pub fn record(&self, model: Option<&str>, scan: &Scan, requests: &IntCounterVec, tokens: &IntCounterVec) {
+        if let Some(m) = model.filter(|m| !m.is_empty()) {
+            if let Some(c) = self.seen.load().get(m) {
+                c.record(scan, tokens);
+                return;
+            }
+        }
+        self.counters(model, requests).record(scan, tokens);
     }
 
     /// The counters for `model` (created on first sight, within the bound).
@@ -466,12 +489,15 @@ impl ModelLabels {
                 self.unknown.get_or_init(|| Arc::new(ModelCounters::new("unknown".into(), requests))),
             );
         };
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = self.seen.load().get(model) {
+            return Arc::clone(c);
+        }
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = self.seen.load_full();
         if let Some(c) = seen.get(model) {
             return Arc::clone(c);
         }
         if seen.len() >= self.max {
-            drop(seen);
             return Arc::clone(
                 self.other.get_or_init(|| Arc::new(ModelCounters::new("other".into(), requests))),
             );
@@ -480,7 +506,9 @@ impl ModelLabels {
         let label: String =
             model.chars().filter(|c| !c.is_control()).take(128).collect::<String>().replace('"', "'");
         let counters = Arc::new(ModelCounters::new(label, requests));
-        seen.insert(model.to_string(), Arc::clone(&counters));
+        let mut next = HashMap::clone(&seen);
+        next.insert(model.to_string(), Arc::clone(&counters));
+        self.seen.store(Arc::new(next));
         counters
     }
 }
