@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -56,17 +56,78 @@ pub async fn serve<H, Fut, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    serve_on(listener, settings, stop, vec![(Handle::current(), handler)]).await
+    let shared = Arc::new(Shared::new(settings.max_connections));
+    accept_loop(listener, shared, settings, stop, handler).await
 }
 
-/// Like [`serve`], handing accepted connections round-robin to `workers`: each connection lives
-/// entirely on one worker runtime (its socket registered with that runtime's reactor), served by
-/// that worker's handler.
+/// Like [`serve`] with one accept loop per worker: every worker accepts on its own handle of
+/// the listening socket (registered with that worker's reactor) and serves what it accepted on
+/// its own event loop, so a connection never crosses threads and no thread hands connections
+/// out. The connection limit and the idle-eviction table are shared by all workers.
+///
+/// The workers share one socket (duplicated descriptors) rather than binding one socket each
+/// with `SO_REUSEPORT`: a second process bound to the same port by mistake then fails with
+/// "address in use" instead of silently taking part of the traffic, and a busy worker does not
+/// keep receiving its hash share of new connections while another one idles.
 pub async fn serve_on<H, Fut, B>(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     settings: ServeSettings,
     stop: CancellationToken,
     workers: Vec<(Handle, H)>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let shared = Arc::new(Shared::new(settings.max_connections));
+    let mut loops = Vec::new();
+    for (handle, handler) in workers {
+        let copy = match listener.try_clone() {
+            Ok(copy) => copy,
+            Err(e) => {
+                tracing::error!(listener = settings.name, error = %e, "Cannot share the listener with a worker");
+                continue;
+            }
+        };
+        let (shared, settings, stop) = (Arc::clone(&shared), settings.clone(), stop.clone());
+        loops.push(handle.spawn(async move {
+            match TcpListener::from_std(copy) {
+                Ok(listener) => accept_loop(listener, shared, settings, stop, handler).await,
+                Err(e) => {
+                    tracing::error!(listener = settings.name, error = %e, "Cannot register the listener")
+                }
+            }
+        }));
+    }
+    drop(listener);
+    for task in loops {
+        let _ = task.await;
+    }
+}
+
+/// What every accept loop of one listener shares: the connection budget and the table of open
+/// connections (for eviction at the limit).
+#[derive(Debug)]
+struct Shared {
+    table: ConnTable,
+    limit: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn new(max_connections: usize) -> Self {
+        Self { table: ConnTable::default(), limit: Arc::new(Semaphore::new(max_connections)) }
+    }
+}
+
+/// Accepts on `listener` until `stop` fires, serving every connection on the current runtime,
+/// then drains them for at most `settings.grace`.
+async fn accept_loop<H, Fut, B>(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    settings: ServeSettings,
+    stop: CancellationToken,
+    handler: H,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -87,10 +148,7 @@ pub async fn serve_on<H, Fut, B>(
         // Dead HTTP/2 peers are noticed and their connection slots freed.
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let table = Arc::new(ConnTable::default());
-    let limit = Arc::new(Semaphore::new(settings.max_connections));
     let mut conns = JoinSet::new();
-    let mut next = 0usize;
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -109,10 +167,10 @@ pub async fn serve_on<H, Fut, B>(
         // At the limit: make room by closing a connection that is doing nothing (a silent
         // socket first, then the oldest idle keep-alive), else wait for one to end or go idle.
         let permit = loop {
-            if let Ok(permit) = Arc::clone(&limit).try_acquire_owned() {
+            if let Ok(permit) = Arc::clone(&shared.limit).try_acquire_owned() {
                 break Some(permit);
             }
-            if table.evict_one_idle() {
+            if shared.table.evict_one_idle() {
                 tracing::debug!(
                     listener = settings.name,
                     "At the connection limit; closing an idle connection"
@@ -120,56 +178,35 @@ pub async fn serve_on<H, Fut, B>(
             }
             tokio::select! {
                 _ = stop.cancelled() => break None,
-                permit = Arc::clone(&limit).acquire_owned() => break permit.ok(),
+                permit = Arc::clone(&shared.limit).acquire_owned() => break permit.ok(),
                 // A busy connection may have gone idle meanwhile: look again.
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         };
         let Some(permit) = permit else { break };
-        let Some((handle, handler)) = workers.get(next % workers.len().max(1)) else { break };
-        next = next.wrapping_add(1);
-        // Moved to the worker's own reactor, so its I/O never wakes this thread.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(listener = settings.name, error = %e, "Cannot hand a connection to a worker");
-                continue;
-            }
-        };
-        let state = table.register();
-        let (handler, builder, stop, table, name) =
-            (handler.clone(), builder.clone(), stop.clone(), Arc::clone(&table), settings.name);
+        let _ = stream.set_nodelay(true);
+        let state = shared.table.register();
+        let (handler, builder, stop, shared, name) =
+            (handler.clone(), builder.clone(), stop.clone(), Arc::clone(&shared), settings.name);
         let (first_request, idle) = (settings.header_read_timeout, settings.idle_timeout);
-        conns.spawn_on(
-            async move {
-                let stream = match TcpStream::from_std(stream) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(listener = name, error = %e, "Cannot register a connection");
-                        table.remove(&state);
-                        return;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let tracked = Arc::clone(&state);
-                let service = service_fn(move |req| {
-                    let request = Tracked::begin(&tracked);
-                    let fut = handler(req, peer);
-                    async move {
-                        let resp = fut.await?;
-                        Ok::<_, Infallible>(resp.map(|body| TrackedBody { body, _request: request }))
-                    }
-                });
-                let io = WriteDeadline::new(TokioIo::new(stream), idle);
-                let conn = builder.serve_connection(io, service).into_owned();
-                if let Err(e) = watch(conn, &state, &stop, first_request, idle).await {
-                    tracing::debug!(listener = name, error = %e, "Connection ended with an error");
+        conns.spawn(async move {
+            let tracked = Arc::clone(&state);
+            let service = service_fn(move |req| {
+                let request = Tracked::begin(&tracked);
+                let fut = handler(req, peer);
+                async move {
+                    let resp = fut.await?;
+                    Ok::<_, Infallible>(resp.map(|body| TrackedBody { body, _request: request }))
                 }
-                table.remove(&state);
-                drop(permit);
-            },
-            handle,
-        );
+            });
+            let io = WriteDeadline::new(TokioIo::new(stream), idle);
+            let conn = builder.serve_connection(io, service).into_owned();
+            if let Err(e) = watch(conn, &state, &stop, first_request, idle).await {
+                tracing::debug!(listener = name, error = %e, "Connection ended with an error");
+            }
+            shared.table.remove(&state);
+            drop(permit);
+        });
     }
     drop(listener);
     let open = conns.len();

@@ -49,7 +49,8 @@ pub enum AppError {
 #[derive(Debug)]
 pub struct App {
     config: Config,
-    proxy_listener: TcpListener,
+    /// Detached from any reactor: each proxy worker registers its own handle of it.
+    proxy_listener: std::net::TcpListener,
     /// Proxy worker threads (`server.worker_threads`).
     workers: usize,
     admin_listener: TcpListener,
@@ -75,7 +76,10 @@ impl App {
             .server
             .worker_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let proxy_listener = bind("server.listen", config.server.listen).await?;
+        let proxy_listener = bind("server.listen", config.server.listen)
+            .await?
+            .into_std()
+            .map_err(|source| AppError::Bind { key: "server.listen", addr: config.server.listen, source })?;
         let admin_listener = bind("server.admin_listen", config.server.admin_listen).await?;
 
         let set_names: Vec<(&str, Vec<String>)> = config::sets(&config)

@@ -62,7 +62,7 @@ pub struct ServerConfig {
     /// then get 429 with `Retry-After`, which SDK retry logic handles.
     pub max_inflight: Option<usize>,
     pub queue_timeout_ms: u64,
-    /// Proxy worker threads, each with its own event loop, listener (`SO_REUSEPORT`) and
+    /// Proxy worker threads, each with its own event loop, accept loop (on one shared socket) and
     /// upstream connection pool. Unset: one per CPU core.
     pub worker_threads: Option<usize>,
     /// Extra names accepted in the `Host` header while the proxy listens on loopback (which

@@ -153,7 +153,8 @@ impl Proxy {
             Some(bytes) => Some(vec![bytes]),
             None => shared.replayable(),
         };
-        let (Some((method, uri, headers)), Some(chunks)) = (saved.and_then(ReplayHead::restore), chunks) else {
+        let (Some((method, uri, headers)), Some(chunks)) = (saved.and_then(ReplayHead::restore), chunks)
+        else {
             // Not replayable (too large, or still streaming): pass the 401 through, but get the
             // next request a fresh token.
             tokens.report_rejected(token.generation());

@@ -300,12 +300,9 @@ fn usage_event(req: &Request<Incoming>, d: &Decision, endpoint: Endpoint) -> cra
 }
 
 pub(crate) fn is_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.trim_start().as_bytes().get(..16).is_some_and(|t| t.eq_ignore_ascii_case(b"application/json"))
-        })
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+        ct.trim_start().as_bytes().get(..16).is_some_and(|t| t.eq_ignore_ascii_case(b"application/json"))
+    })
 }
 
 pub(crate) fn content_length<B>(req: &Request<B>) -> Option<u64> {

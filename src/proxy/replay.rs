@@ -32,8 +32,8 @@ impl ReplayHead {
         let uri_size = uri.scheme_str().map_or(0, |s| s.len() + 3)
             + uri.authority().map_or(0, |a| a.as_str().len())
             + uri.path_and_query().map_or(1, |p| p.as_str().len());
-        let size = uri_size
-            + headers.iter().map(|(n, v)| 7 + n.as_str().len() + v.as_bytes().len()).sum::<usize>();
+        let size =
+            uri_size + headers.iter().map(|(n, v)| 7 + n.as_str().len() + v.as_bytes().len()).sum::<usize>();
         let mut buf = Vec::with_capacity(size);
         if let Some(scheme) = uri.scheme_str() {
             buf.extend_from_slice(scheme.as_bytes());
