@@ -298,12 +298,9 @@ impl App {
         // nginx's workers): a connection and its requests never hop between threads, and each
         // worker keeps its own pool of upstream connections.
         let u = &config.upstream;
-        let pool = ClientSettings {
-            ca_file: None,
-            connect_timeout: Duration::from_secs(u.connect_timeout_secs),
-            pool_idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
-            pool_max_idle_per_host: u.pool_max_idle_per_host,
-            http2: u.http2,
+        let pool = client::pool::PoolSettings {
+            idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
+            max_idle_per_host: u.pool_max_idle_per_host,
         };
         let worker_stop = CancellationToken::new();
         // Also stops the workers if this future is dropped instead of finishing.
@@ -313,7 +310,7 @@ impl App {
         for i in 0..workers {
             let Some((handle, thread)) = start_worker(i, worker_stop.clone()) else { continue };
             let proxy = Proxy::new(
-                client::build(upstream_connector.clone(), &pool),
+                client::pool::Pool::new(upstream_connector.clone(), pool),
                 proxy_settings.clone(),
                 metrics.clone(),
             );

@@ -24,6 +24,7 @@ use super::path::Endpoint;
 use super::report::{Ending, Report};
 use super::resolve::clients::Client;
 use super::usage::{ModelSniffer, UsageScanner};
+use crate::client::pool::PooledBody;
 use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -535,7 +536,7 @@ pin_project! {
     enum Kind {
         Upstream {
             #[pin]
-            body: Incoming,
+            body: PooledBody,
             #[pin]
             timer: Sleep,
             // Set only while the body waits on upstream: a body that arrives without waiting
@@ -550,7 +551,7 @@ pin_project! {
 
 impl ResponseBody {
     /// An upstream body, cut if upstream is silent for `idle` or runs past `deadline`.
-    pub fn upstream(body: Incoming, idle: Duration, deadline: Option<Instant>, guard: RequestGuard) -> Self {
+    pub fn upstream(body: PooledBody, idle: Duration, deadline: Option<Instant>, guard: RequestGuard) -> Self {
         let at = next_timer(Instant::now(), idle, deadline);
         Self {
             kind: Kind::Upstream { body, timer: tokio::time::sleep_until(at), armed: true, idle, deadline },

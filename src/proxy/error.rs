@@ -71,7 +71,7 @@ pub enum ProxyError {
     #[error("the key pair (key_id:secret) was rejected by the IAM: {reason}")]
     PairRejected { reason: String },
     #[error("upstream unreachable")]
-    Unreachable(#[source] hyper_util::client::legacy::Error),
+    Unreachable(#[source] crate::client::pool::UpstreamError),
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
     #[error("reading the request body failed")]

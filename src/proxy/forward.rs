@@ -22,6 +22,7 @@ use super::report::Charge;
 use super::resolve::clients::Client;
 use super::resolve::Payer;
 use super::{content_length, headers, is_json, Proxy};
+use crate::client::pool::PooledBody;
 use crate::metrics::Metrics;
 use crate::signed::SignedKey;
 use crate::token::refresher::error_chain;
@@ -50,7 +51,7 @@ impl Proxy {
         endpoint: Endpoint,
         start: Instant,
         guard: &mut RequestGuard,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<PooledBody>, ProxyError> {
         let inner = &*self.inner;
         let settings = &inner.settings;
         let Decision { upstream_uri, client, payer, signed } = decision;
@@ -278,14 +279,14 @@ impl Proxy {
         endpoint: Endpoint,
         start: Instant,
         shared: &BodyShared,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<PooledBody>, ProxyError> {
         let inner = &*self.inner;
         let settings = &inner.settings;
         let mut wait = settings.idle_timeout;
         if let Some(total) = settings.request_timeout {
             wait = wait.min(total.saturating_sub(start.elapsed()));
         }
-        match tokio::time::timeout(wait, inner.client.request(req)).await {
+        match tokio::time::timeout(wait, inner.upstream.request(req)).await {
             Err(_) => Err(ProxyError::Timeout(wait)),
             Ok(Err(_)) if shared.too_large() => Err(ProxyError::PayloadTooLarge {
                 limit: settings.max_body,

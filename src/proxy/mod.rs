@@ -29,11 +29,10 @@ use std::time::Duration;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use self::body::{AccessInfo, RequestGuard, ResponseBody, UpstreamBody};
+use self::body::{AccessInfo, RequestGuard, ResponseBody};
 use self::budget::ByteBudget;
 use self::error::{AuthFailure, ProxyError};
 use self::forward::Decision;
@@ -42,7 +41,7 @@ pub use self::guard::{BrowserGuard, HostRule};
 use self::path::Endpoint;
 use self::resolve::{CallerError, Resolver};
 use self::usage::UsageScanner;
-use crate::client::Connector;
+use crate::client::pool::Pool;
 use crate::metrics::Metrics;
 use crate::token::refresher::error_chain;
 
@@ -98,16 +97,17 @@ pub struct Proxy {
 
 #[derive(Debug)]
 struct Inner {
-    client: Client<Connector, UpstreamBody>,
+    /// This worker's upstream connections.
+    upstream: Arc<Pool>,
     settings: ProxySettings,
     metrics: Metrics,
     slots: Option<Arc<Semaphore>>,
 }
 
 impl Proxy {
-    pub fn new(client: Client<Connector, UpstreamBody>, settings: ProxySettings, metrics: Metrics) -> Self {
+    pub fn new(upstream: Arc<Pool>, settings: ProxySettings, metrics: Metrics) -> Self {
         let slots = settings.inflight_slots.clone();
-        Self { inner: Arc::new(Inner { client, settings, metrics, slots }) }
+        Self { inner: Arc::new(Inner { upstream, settings, metrics, slots }) }
     }
 
     /// Serves one client request. Never fails: errors become OpenAI-shaped responses.

@@ -73,7 +73,8 @@ impl Client {
 /// Every configured client's key digests, pointing at its index.
 #[derive(Default)]
 pub struct KeyIndex {
-    digests: Vec<([u8; 32], u64)>,
+    /// SHA-256 digests as four words each, with their client's index.
+    digests: Vec<([u64; 4], u64)>,
 }
 
 impl std::fmt::Debug for KeyIndex {
@@ -83,11 +84,20 @@ impl std::fmt::Debug for KeyIndex {
     }
 }
 
+/// A digest as four native-endian words (only ever compared with another such).
+fn words(d: &[u8; 32]) -> [u64; 4] {
+    std::array::from_fn(|i| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&d[i * 8..i * 8 + 8]);
+        u64::from_ne_bytes(w)
+    })
+}
+
 impl KeyIndex {
     /// Reads every client's keys (files included). Errors name the client and field, never a
     /// key; a key listed for two clients, or a client left without a key, is an error.
     pub fn build(clients: &[ClientConfig]) -> Result<Self, String> {
-        let mut digests: Vec<([u8; 32], u64)> = Vec::new();
+        let mut digests: Vec<([u64; 4], u64)> = Vec::new();
         for (i, c) in clients.iter().enumerate() {
             let keys =
                 client_digests(c).map_err(|(field, reason)| format!("clients[{i}].{field}: {reason}"))?;
@@ -97,6 +107,7 @@ impl KeyIndex {
                 return Err(format!("clients[{i}].keys_file: client {:?} has no key", c.name));
             }
             for d in keys {
+                let d = words(&d);
                 if let Some((_, other)) = digests.iter().find(|(e, _)| *e == d) {
                     if *other as usize != i {
                         return Err(format!(
@@ -123,10 +134,13 @@ impl KeyIndex {
     /// The index of the client whose key this is. Compares the key's digest with every known
     /// digest in constant time, whatever matches.
     pub fn find(&self, key: &str) -> Option<usize> {
-        let wanted = digest_of(key);
+        let wanted = words(&digest_of(key));
         let mut found = u64::MAX;
         for (digest, index) in &self.digests {
-            let hit = digest.ct_eq(&wanted);
+            // Four 64-bit words rather than 32 bytes: the same constant-time comparison (every
+            // word of every digest, no early exit) for an eighth of the work, which matters with
+            // hundreds of clients on every request.
+            let hit = digest[..].ct_eq(&wanted[..]);
             found = u64::conditional_select(&found, index, hit);
         }
         (found != u64::MAX).then_some(found as usize)

@@ -1,5 +1,8 @@
 //! The outbound HTTP client shared by the proxy and the token fetcher: hyper-util's pooled client
-//! over rustls (ring provider, web PKI roots plus an optional private CA), HTTP/2 by ALPN.
+//! over rustls (ring provider, web PKI roots plus an optional private CA), HTTP/2 by ALPN, and
+//! the proxy's per-worker pool on the same connector ([`pool`]).
+
+pub mod pool;
 
 use std::path::Path;
 use std::sync::Arc;
