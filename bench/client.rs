@@ -50,9 +50,9 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -210,7 +210,8 @@ impl Target {
         );
         let tls = if https {
             let ca = ca_file.ok_or_else(|| format!("{url}: https needs --ca-file"))?;
-            let name = ServerName::try_from(authority.host().to_string()).map_err(|e| format!("{url}: {e}"))?;
+            let name =
+                ServerName::try_from(authority.host().to_string()).map_err(|e| format!("{url}: {e}"))?;
             Some((tls_connector(ca)?, name))
         } else {
             None

@@ -49,8 +49,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sidekey::server::{serve, ServeSettings};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio::time::MissedTickBehavior;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// The fixed non-streaming answer; nginx serves the same bytes in the JSON scenario.
@@ -187,7 +187,8 @@ async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor) {
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else { return };
             let service = service_fn(|req| async { Ok::<_, Infallible>(fake_upstream(req).await) });
-            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await;
+            let _ =
+                auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await;
         });
     }
 }
