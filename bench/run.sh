@@ -662,6 +662,13 @@ m_sse() { # KIND TARGET
 sse() { # KIND SCENARIO LABEL TARGET...
   local kind=$1 scenario=$2 label=$3 round t
   shift 3
+  # One untimed burst of the same streams first, so each proxy's upstream pool holds its
+  # connections (over TLS a new upstream connection is a handshake on single-threaded
+  # bench-upstream, and 100 of them would be what round 1 measured).
+  for t in "$@"; do
+    "$CLIENT" sse --url "${SSE_BASE[$kind/$t]}/chat/completions?stream=1&chunks=10&interval_ms=10" \
+      --ca-file "$CA" --streams "$SSE_STREAMS" >/dev/null
+  done
   for round in $(seq "$ROUNDS"); do
     for t in $(order "$round" "$@"); do
       attempt m_sse "$kind" "$t"
