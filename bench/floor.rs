@@ -374,7 +374,7 @@ impl Drop for PooledBody {
 /// How this worker reaches the upstream.
 #[derive(Debug)]
 enum Forwarder {
-    Legacy(LegacyClient<HttpsConnector<HttpConnector>, Incoming>),
+    Legacy(Box<LegacyClient<HttpsConnector<HttpConnector>, Incoming>>),
     Conn(Rc<ConnPool>),
 }
 
@@ -418,7 +418,7 @@ impl Worker {
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
                     .build(connector);
-                Forwarder::Legacy(client)
+                Forwarder::Legacy(Box::new(client))
             }
         };
         Self { forwarder, upstream, auth: HeaderValue::from_static("Bearer static") }
