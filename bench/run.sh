@@ -801,6 +801,17 @@ for name in uri_rewrite prepare_request token_inject all; do
   record micro sidekey 1 "{\"name\": \"$name\", \"ns\": $ns, \"allocs\": $allocs}"
   log "(6) $name: $ns ns, $allocs allocations per call"
 done
+# The caller path (client keys, routes, signed keys): these ops build nothing per call, so
+# nothing is subtracted.
+for name in client_key_1 client_key_100 route_5 signed_verify resolve_open resolve_client resolve_signed; do
+  est="$TARGET_DIR/criterion/caller_path/$name/new/estimates.json"
+  [[ -f $est ]] || continue
+  ns=$(jq '.median.point_estimate' "$est" 2>/dev/null || echo null)
+  allocs=null
+  command -v valgrind >/dev/null && allocs=$(net "$name")
+  record micro_caller sidekey 1 "{\"name\": \"$name\", \"ns\": $ns, \"allocs\": $allocs}"
+  log "(6) caller path $name: $ns ns, $allocs allocations per call"
+done
 
 # ---------------------------------------------------------------------------------------------
 # The report.
