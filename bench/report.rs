@@ -925,13 +925,24 @@ fn readme(results: &Results, meta: &Meta) -> String {
         );
     }
     let rps = |t: &str| results.median("throughput", t, "/rps");
+    let cpu = |t: &str| results.median("throughput", t, "/cpu/proxy_us_per_req");
+    let cpu_delta = |t: &str| match (cpu(t), cpu("sidekey")) {
+        (Some(v), Some(b)) => format!("{:+.1}", v - b),
+        _ => "—".into(),
+    };
     if let (Some(base), Some(c), Some(s)) = (rps("sidekey"), rps("sidekey_clients"), rps("sidekey_signed")) {
         line(
-            "throughput with client auth: a `[[clients]]` key / an HS256 signed key",
+            "client auth, a `[[clients]]` key / an HS256 signed key: throughput, CPU per request",
             [
                 String::new(),
                 String::new(),
-                format!("{:+.1} % / {:+.1} %", (c - base) / base * 100.0, (s - base) / base * 100.0),
+                format!(
+                    "{:+.1} % / {:+.1} %; {} / {} µs",
+                    (c - base) / base * 100.0,
+                    (s - base) / base * 100.0,
+                    cpu_delta("sidekey_clients"),
+                    cpu_delta("sidekey_signed")
+                ),
                 String::new(),
             ],
             "",
