@@ -6,9 +6,13 @@
 //! bench-client hold    --url URL [--streams 1000] [--seconds 30] [--open-concurrency 64]
 //! bench-client upload  --url URL [--mib 100] [--chunk-kib 64] [--content-length]
 //! bench-client rate    --url URL --rate R [--connections 16] [--seconds 5] [--body FILE]
+//! bench-client serial  --url URL [--seconds 3] [--body FILE] [--warmup 200]
 //! bench-client startup --ready-url URL [--runs 5] [--timeout-secs 10] -- CMD [ARGS...]
-//! bench-client report  --results FILE.jsonl --meta FILE.json
+//! bench-client report  --results FILE.jsonl --meta FILE.json [--readme]
 //! ```
+//!
+//! `--url` may be `https://`: the client then speaks HTTP/1.1 over TLS (rustls on ring), trusting
+//! only the PEM CA bundle given with `--ca-file` (the benchmark's throw-away CA).
 //!
 //! - `sse`: opens K concurrent SSE streams (one connection each, HTTP/1.1) and records the time to
 //!   the first event, every inter-event gap, and each event's delivery delay: arrival time minus
@@ -22,10 +26,14 @@
 //!   schedule, R requests per second in total, with the OpenAI Python SDK's header set and an
 //!   optional body; reports latency percentiles measured from each request's write to the end
 //!   of its response body, and how many sends started late (the client's own lag).
+//! - `serial`: closed loop on one keep-alive connection: one request at a time, the next as soon
+//!   as the previous response has ended, for `--seconds` after `--warmup` requests; reports the
+//!   same latency percentiles and the request rate (the latency a single caller sees).
 //! - `startup`: spawns the command, polls `--ready-url` every millisecond until it answers 200,
 //!   reports the time from spawn, stops the process (SIGTERM) and repeats.
 //! - `report`: turns the measurements `bench/run.sh` collected (one JSON object per line) into
-//!   the markdown of `bench/RESULTS.md`: medians over rounds, ratios, targets.
+//!   the markdown of `bench/RESULTS.md`: medians over rounds, ratios, targets; with `--readme`
+//!   the summary table for the README's performance section instead.
 
 mod report;
 
@@ -42,10 +50,14 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -72,7 +84,7 @@ const SSE_BODY: &str = r#"{"model":"bench/fixed-model-v1","stream":true,"message
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = args.split_first() else {
-        fail("usage: bench-client sse|hold|upload|rate|startup --url URL ... (see bench/client.rs)");
+        fail("usage: bench-client sse|hold|upload|rate|serial|startup|report ... (see bench/client.rs)");
     };
     let opts = Opts::parse(rest).unwrap_or_else(|e| fail(&e));
     match mode.as_str() {
@@ -95,6 +107,7 @@ fn main() {
             "hold" => hold(&opts).await,
             "upload" => upload(&opts).await,
             "rate" => rate(&opts).await,
+            "serial" => serial(&opts).await,
             other => Err(format!("unknown mode {other}").into()),
         }
     });
@@ -111,7 +124,8 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1);
 }
 
-/// Flags, all `--name value` except `--content-length`; everything after `--` is a command.
+/// Flags, all `--name value` except `--content-length` and `--readme`; everything after `--` is a
+/// command.
 #[derive(Debug, Default)]
 struct Opts {
     values: Vec<(String, String)>,
@@ -129,7 +143,7 @@ impl Opts {
                     opts.command = it.cloned().collect();
                     break;
                 }
-                "--content-length" => opts.switches.push(arg.clone()),
+                "--content-length" | "--readme" => opts.switches.push(arg.clone()),
                 flag if flag.starts_with("--") => {
                     let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
                     opts.values.push((flag.trim_start_matches("--").to_string(), value.clone()));
@@ -152,7 +166,7 @@ impl Opts {
     }
 
     fn url(&self) -> Result<Target, String> {
-        Target::parse(self.get("url").ok_or("--url is required")?)
+        Target::parse(self.get("url").ok_or("--url is required")?, self.get("ca-file"))
     }
 
     fn switch(&self, name: &str) -> bool {
@@ -160,26 +174,52 @@ impl Opts {
     }
 }
 
-/// Where requests go: a socket address and the request target.
-#[derive(Debug, Clone)]
+/// Where requests go: a socket address, TLS for `https://`, and the request target.
+#[derive(Clone)]
 struct Target {
     addr: SocketAddr,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     authority: HeaderValue,
     path: Uri,
 }
 
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .field("authority", &self.authority)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
 impl Target {
-    fn parse(url: &str) -> Result<Self, String> {
+    fn parse(url: &str, ca_file: Option<&str>) -> Result<Self, String> {
         let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") | None => false,
+            Some(other) => return Err(format!("{url}: unsupported scheme {other}")),
+        };
         let authority = uri.authority().ok_or_else(|| format!("{url}: no host"))?;
         let host = if authority.host() == "localhost" { "127.0.0.1" } else { authority.host() };
         let addr = SocketAddr::new(
             host.parse().map_err(|_| format!("{url}: use an IP address"))?,
-            authority.port_u16().unwrap_or(80),
+            authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
         );
+        let tls = if https {
+            let ca = ca_file.ok_or_else(|| format!("{url}: https needs --ca-file"))?;
+            let name =
+                ServerName::try_from(authority.host().to_string()).map_err(|e| format!("{url}: {e}"))?;
+            Some((tls_connector(ca)?, name))
+        } else {
+            None
+        };
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|e| format!("{e}"))?;
         Ok(Self {
             addr,
+            tls,
             authority: HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?,
             path,
         })
@@ -201,16 +241,45 @@ impl Target {
     }
 }
 
-/// One HTTP/1.1 connection with TCP_NODELAY, its driver spawned.
-async fn connect<B>(addr: SocketAddr) -> Result<SendRequest<B>, BoxError>
+/// A TLS client trusting only the PEM certificates in `ca_file`, ALPN `http/1.1`.
+fn tls_connector(ca_file: &str) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| format!("--ca-file {ca_file}: {e}"))? {
+        roots.add(cert.map_err(|e| format!("--ca-file {ca_file}: {e}"))?).map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// One HTTP/1.1 connection with TCP_NODELAY (over TLS for `https://`), its driver spawned.
+async fn connect<B>(target: &Target) -> Result<SendRequest<B>, BoxError>
 where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let stream = TcpStream::connect(addr).await?;
+    let stream = TcpStream::connect(target.addr).await?;
     stream.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    match &target.tls {
+        None => handshake(stream).await,
+        Some((connector, name)) => handshake(connector.connect(name.clone(), stream).await?).await,
+    }
+}
+
+async fn handshake<T, B>(io: T) -> Result<SendRequest<B>, BoxError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -298,7 +367,7 @@ fn stamp(event: &[u8]) -> Option<u64> {
 }
 
 async fn open_stream(target: &Target) -> Result<(Incoming, Instant, SendRequest<Full<Bytes>>), BoxError> {
-    let mut sender = connect::<Full<Bytes>>(target.addr).await?;
+    let mut sender = connect::<Full<Bytes>>(target).await?;
     let req = target.request(Method::POST, Full::new(Bytes::from_static(SSE_BODY.as_bytes())), true);
     let sent_at = Instant::now();
     let resp = sender.send_request(req).await?;
@@ -410,7 +479,7 @@ async fn upload(opts: &Opts) -> Result<Value, BoxError> {
         let piece = if left < chunk.len() as u64 { chunk.slice(..left as usize) } else { chunk.clone() };
         Ok::<_, std::convert::Infallible>(Frame::data(piece))
     }));
-    let mut sender = connect::<StreamBody<_>>(target.addr).await?;
+    let mut sender = connect::<StreamBody<_>>(&target).await?;
     let mut req = target.request(Method::POST, StreamBody::new(chunks), false);
     req.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     if opts.switch("--content-length") {
@@ -438,16 +507,12 @@ async fn rate(opts: &Opts) -> Result<Value, BoxError> {
     let rate: f64 = opts.num("rate", 1000.0)?;
     let connections: usize = opts.num("connections", 16)?;
     let seconds: f64 = opts.num("seconds", 5.0)?;
-    let body = match opts.get("body") {
-        Some(path) => Bytes::from(std::fs::read(path).map_err(|e| format!("{path}: {e}"))?),
-        None => Bytes::new(),
-    };
-    let method = if body.is_empty() { Method::GET } else { Method::POST };
+    let (body, method) = body_of(opts)?;
     let interval = Duration::from_secs_f64(connections as f64 / rate);
     // Connect and warm every connection (and the proxy's upstream pool) before the clock starts.
     let mut senders = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let mut s = connect::<Full<Bytes>>(target.addr).await?;
+        let mut s = connect::<Full<Bytes>>(&target).await?;
         let resp = s.send_request(target.request(method.clone(), Full::new(body.clone()), true)).await?;
         resp.into_body().collect().await?;
         senders.push(s);
@@ -516,6 +581,56 @@ async fn rate(opts: &Opts) -> Result<Value, BoxError> {
     }))
 }
 
+/// The request body of `--body FILE` (empty without), and the method that goes with it.
+fn body_of(opts: &Opts) -> Result<(Bytes, Method), BoxError> {
+    let body = match opts.get("body") {
+        Some(path) => Bytes::from(std::fs::read(path).map_err(|e| format!("{path}: {e}"))?),
+        None => Bytes::new(),
+    };
+    let method = if body.is_empty() { Method::GET } else { Method::POST };
+    Ok((body, method))
+}
+
+async fn serial(opts: &Opts) -> Result<Value, BoxError> {
+    let target = opts.url()?;
+    let seconds: f64 = opts.num("seconds", 3.0)?;
+    let warmup: u64 = opts.num("warmup", 200)?;
+    let (body, method) = body_of(opts)?;
+    let mut sender = connect::<Full<Bytes>>(&target).await?;
+    let mut latencies = Vec::new();
+    let (mut errors, mut n) = (0u64, 0u64);
+    let mut start = Instant::now();
+    let mut end = start + Duration::from_secs_f64(seconds);
+    loop {
+        if n == warmup {
+            // The clock starts once the connection and the proxy's upstream pool are warm.
+            start = Instant::now();
+            end = start + Duration::from_secs_f64(seconds);
+        } else if n > warmup && Instant::now() >= end {
+            break;
+        }
+        let req = target.request(method.clone(), Full::new(body.clone()), true);
+        let sent = Instant::now();
+        let resp = sender.send_request(req).await?;
+        let ok = resp.status() == StatusCode::OK;
+        resp.into_body().collect().await?;
+        if n >= warmup {
+            if ok {
+                latencies.push(sent.elapsed().as_nanos() as u64);
+            } else {
+                errors += 1;
+            }
+        }
+        n += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let ok = latencies.len();
+    Ok(json!({
+        "mode": "serial", "ok": ok, "errors": errors, "rps": ok as f64 / elapsed,
+        "latency": percentiles(&mut latencies),
+    }))
+}
+
 /// Sends `GET` and returns the status code, or `None` if nothing answers yet.
 fn probe(addr: SocketAddr, authority: &str, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
@@ -528,7 +643,7 @@ fn probe(addr: SocketAddr, authority: &str, path: &str) -> Option<u16> {
 }
 
 fn startup(opts: &Opts) -> Result<Value, BoxError> {
-    let target = Target::parse(opts.get("ready-url").ok_or("--ready-url is required")?)?;
+    let target = Target::parse(opts.get("ready-url").ok_or("--ready-url is required")?, None)?;
     let runs: usize = opts.num("runs", 5)?;
     let timeout = Duration::from_secs(opts.num("timeout-secs", 10)?);
     let (program, args) = opts.command.split_first().ok_or("startup needs -- CMD [ARGS...]")?;

@@ -4,10 +4,17 @@
 //! ```text
 //! cargo run --release --example bench-upstream -- [--listen 127.0.0.1:0] [--iam 127.0.0.1:0]
 //!     [--token-secs 3600] [--max-secs 3600]
+//!     [--tls-listen 127.0.0.1:0 --cert LEAF.pem --key LEAF.key]
 //! ```
 //!
-//! Prints the bound addresses as one JSON line on stdout (`{"upstream":"127.0.0.1:P","iam":...}`)
-//! and serves until killed, or `--max-secs` at most (so a forgotten one does not linger).
+//! Prints the bound addresses as one JSON line on stdout (`{"upstream":"127.0.0.1:P","iam":...}`,
+//! plus `"upstream_tls"` with `--cert`) and serves until killed, or `--max-secs` at most (so a
+//! forgotten one does not linger).
+//!
+//! With `--cert` and `--key` (PEM; the key PKCS#8, SEC1 or PKCS#1) the same upstream is served a
+//! second time over TLS (rustls on ring, TLS 1.2 and 1.3), offering `h2` and `http/1.1` by ALPN,
+//! so the benchmark's HTTPS scenario streams SSE from this process itself rather than through an
+//! extra TLS-terminating hop.
 //!
 //! Upstream (`--listen`):
 //! - `POST /v1/chat/completions`: a fixed ~1 KB completion (`bench/completion.json`); with
@@ -17,6 +24,8 @@
 //!   handed to the socket, in Unix nanoseconds), so a client on the same machine can tell the
 //!   delay each event picked up on its way.
 //! - `POST /v1/upload`: drains the body and answers `{"bytes": N}`.
+//! - `GET /v1/sanity/proto`: the HTTP version the request arrived with (`HTTP/1.1`, `HTTP/2.0`),
+//!   so the benchmark can check which protocol a proxy really speaks to its upstream.
 //!
 //! IAM (`--iam`): `POST /api/v1/auth/token` answers `{"access_token": ..., "expires_in": ...}`
 //! at once, whatever the credential.
@@ -33,9 +42,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sidekey::server::{serve, ServeSettings};
 use tokio::net::TcpListener;
 use tokio::time::MissedTickBehavior;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// The fixed non-streaming answer; nginx serves the same bytes in the JSON scenario.
@@ -49,6 +64,9 @@ struct Args {
     iam: SocketAddr,
     token_secs: u64,
     max_secs: u64,
+    tls_listen: SocketAddr,
+    cert: Option<String>,
+    key: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -57,6 +75,9 @@ fn parse_args() -> Result<Args, String> {
         iam: SocketAddr::from(([127, 0, 0, 1], 0)),
         token_secs: 3600,
         max_secs: 3600,
+        tls_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        cert: None,
+        key: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,8 +88,14 @@ fn parse_args() -> Result<Args, String> {
             "--iam" => args.iam = value.parse().map_err(|e| bad(&e))?,
             "--token-secs" => args.token_secs = value.parse().map_err(|e| bad(&e))?,
             "--max-secs" => args.max_secs = value.parse().map_err(|e| bad(&e))?,
+            "--tls-listen" => args.tls_listen = value.parse().map_err(|e| bad(&e))?,
+            "--cert" => args.cert = Some(value),
+            "--key" => args.key = Some(value),
             _ => return Err(format!("unknown flag {flag}")),
         }
+    }
+    if args.cert.is_some() != args.key.is_some() {
+        return Err("--cert and --key go together".into());
     }
     Ok(args)
 }
@@ -89,13 +116,27 @@ fn main() {
 async fn run(args: Args) {
     let upstream = TcpListener::bind(args.listen).await.expect("bind --listen");
     let iam = TcpListener::bind(args.iam).await.expect("bind --iam");
-    println!(
-        "{}",
-        serde_json::json!({
-            "upstream": upstream.local_addr().expect("bound").to_string(),
-            "iam": iam.local_addr().expect("bound").to_string(),
-        })
-    );
+    let tls = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            let acceptor = tls_acceptor(cert, key).unwrap_or_else(|e| {
+                eprintln!("bench-upstream: {e}");
+                std::process::exit(64);
+            });
+            Some((TcpListener::bind(args.tls_listen).await.expect("bind --tls-listen"), acceptor))
+        }
+        _ => None,
+    };
+    let mut bound = serde_json::json!({
+        "upstream": upstream.local_addr().expect("bound").to_string(),
+        "iam": iam.local_addr().expect("bound").to_string(),
+    });
+    if let Some((listener, _)) = &tls {
+        bound["upstream_tls"] = listener.local_addr().expect("bound").to_string().into();
+    }
+    println!("{bound}");
+    if let Some((listener, acceptor)) = tls {
+        tokio::spawn(serve_tls(listener, acceptor));
+    }
     let stop = CancellationToken::new();
     let settings = |name| ServeSettings {
         name,
@@ -119,6 +160,37 @@ async fn run(args: Args) {
     tokio::time::sleep(Duration::from_secs(args.max_secs)).await;
     stop.cancel();
     let _ = tokio::join!(iam_task, upstream_task);
+}
+
+/// A TLS acceptor for `--cert`/`--key`, offering h2 and HTTP/1.1 by ALPN.
+fn tls_acceptor(cert: &str, key: &str) -> Result<TlsAcceptor, String> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("--cert {cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--key {key}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The upstream over TLS: HTTP/1.1 or h2, as the client's ALPN chose. The connections live as
+/// long as their peers keep them (the process is killed at the end of the run).
+async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let service = service_fn(|req| async { Ok::<_, Infallible>(fake_upstream(req).await) });
+            let _ =
+                auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await;
+        });
+    }
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -156,6 +228,9 @@ async fn fake_upstream(req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/chat/completions") => chat(req).await,
         (&Method::POST, "/v1/upload") => upload(req).await,
+        (&Method::GET, "/v1/sanity/proto") => {
+            full(StatusCode::OK, "text/plain", format!("{:?}\n", req.version()))
+        }
         _ => not_found(),
     }
 }

@@ -1,6 +1,8 @@
 -- wrk script for the throughput scenario (bench/run.sh): POSTs bench/request.json (~1 KB) with
 -- the header set the OpenAI Python SDK sends, and prints one machine-readable summary line.
---   BENCH_BODY=bench/request.json wrk -t2 -c64 -d5s -s bench/wrk-post.lua URL
+--   BENCH_BODY=bench/request.json [BENCH_AUTH="Bearer <key>"] wrk -t2 -c64 -d5s -s bench/wrk-post.lua URL
+-- BENCH_AUTH, when set and not empty, replaces the placeholder Authorization (a client key or a
+-- signed key, for the client-authentication rows).
 
 local path = os.getenv("BENCH_BODY") or "bench/request.json"
 local f = assert(io.open(path, "rb"))
@@ -13,7 +15,9 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Accept"] = "application/json"
 wrk.headers["Accept-Encoding"] = "gzip, deflate"
 wrk.headers["User-Agent"] = "OpenAI/Python 1.54.0"
-wrk.headers["Authorization"] = "Bearer sk-placeholder-the-sidecar-replaces-this"
+local auth = os.getenv("BENCH_AUTH")
+if auth == nil or auth == "" then auth = "Bearer sk-placeholder-the-sidecar-replaces-this" end
+wrk.headers["Authorization"] = auth
 wrk.headers["X-Stainless-Lang"] = "python"
 wrk.headers["X-Stainless-Package-Version"] = "1.54.0"
 wrk.headers["X-Stainless-OS"] = "Linux"
