@@ -149,7 +149,11 @@ impl Pool {
 
     /// A ready connection to this upstream: the h2 one, else the newest idle HTTP/1.1 one, else
     /// a new connection.
-    async fn checkout(self: &Arc<Self>, scheme: &Scheme, authority: &Authority) -> Result<Sender, UpstreamError> {
+    async fn checkout(
+        self: &Arc<Self>,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> Result<Sender, UpstreamError> {
         let now = Instant::now();
         loop {
             let found = {
@@ -181,7 +185,11 @@ impl Pool {
         Box::pin(self.connect(scheme, authority)).await
     }
 
-    async fn connect(self: &Arc<Self>, scheme: &Scheme, authority: &Authority) -> Result<Sender, UpstreamError> {
+    async fn connect(
+        self: &Arc<Self>,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> Result<Sender, UpstreamError> {
         let uri = Uri::builder()
             .scheme(scheme.clone())
             .authority(authority.clone())
@@ -379,7 +387,10 @@ impl Body for PooledBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.project();
         let polled = this.body.poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) {

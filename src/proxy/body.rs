@@ -551,7 +551,12 @@ pin_project! {
 
 impl ResponseBody {
     /// An upstream body, cut if upstream is silent for `idle` or runs past `deadline`.
-    pub fn upstream(body: PooledBody, idle: Duration, deadline: Option<Instant>, guard: RequestGuard) -> Self {
+    pub fn upstream(
+        body: PooledBody,
+        idle: Duration,
+        deadline: Option<Instant>,
+        guard: RequestGuard,
+    ) -> Self {
         let at = next_timer(Instant::now(), idle, deadline);
         Self {
             kind: Kind::Upstream { body, timer: tokio::time::sleep_until(at), armed: true, idle, deadline },
