@@ -20,32 +20,43 @@ enum After {
     /// Closes the connection without saying so (no `Connection: close`): a keep-alive
     /// timeout on the upstream's side, racing sidekey's next request.
     SilentClose,
+    /// Answers as soon as the head is in, then stops reading (the request body, if any, stays
+    /// unread on that connection).
+    EarlyAnswer,
 }
 
 /// A raw HTTP/1.1 upstream that counts connections accepted and closed by the peer.
 struct RawUpstream {
     addr: std::net::SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// Every request's first line and `Host` header, lower-cased.
+    heads: Arc<std::sync::Mutex<Vec<(String, String)>>>,
     /// Connections on which the upstream read EOF (sidekey closed them).
     closed_by_peer: Arc<AtomicUsize>,
 }
 
 impl RawUpstream {
     async fn start(after: After, body: &'static [u8]) -> Self {
+        Self::start_with(after, body, Duration::ZERO).await
+    }
+
+    /// Like [`RawUpstream::start`], answering each request `delay` after reading it.
+    async fn start_with(after: After, body: &'static [u8], delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let closed_by_peer = Arc::new(AtomicUsize::new(0));
-        let (a, c) = (Arc::clone(&accepted), Arc::clone(&closed_by_peer));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, c, h) = (Arc::clone(&accepted), Arc::clone(&closed_by_peer), Arc::clone(&heads));
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 a.fetch_add(1, Ordering::SeqCst);
-                let c = Arc::clone(&c);
-                tokio::spawn(serve_raw(stream, after, body, c));
+                let raw = Raw { after, body, delay, closed: Arc::clone(&c), heads: Arc::clone(&h) };
+                tokio::spawn(serve_raw(stream, raw));
             }
         });
-        Self { addr, accepted, closed_by_peer }
+        Self { addr, accepted, closed_by_peer, heads }
     }
 
     fn base_url(&self) -> String {
@@ -53,7 +64,16 @@ impl RawUpstream {
     }
 }
 
-async fn serve_raw(mut stream: TcpStream, after: After, body: &'static [u8], closed: Arc<AtomicUsize>) {
+struct Raw {
+    after: After,
+    body: &'static [u8],
+    delay: Duration,
+    closed: Arc<AtomicUsize>,
+    heads: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+async fn serve_raw(mut stream: TcpStream, raw: Raw) {
+    let Raw { after, body, delay, closed, heads } = raw;
     let mut buf = Vec::new();
     loop {
         // One request: the head, then a Content-Length body.
@@ -71,6 +91,21 @@ async fn serve_raw(mut stream: TcpStream, after: After, body: &'static [u8], clo
             }
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let line = head.lines().next().unwrap_or_default().to_string();
+        let host = head.lines().find_map(|l| l.strip_prefix("host:")).unwrap_or_default().trim().to_string();
+        heads.lock().unwrap().push((line, host));
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(body);
+        if after == After::EarlyAnswer {
+            let _ = stream.write_all(&answer).await;
+            // Holds the connection, reading nothing more.
+            tokio::time::sleep(WAIT * 2).await;
+            return;
+        }
         let length: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
@@ -83,11 +118,8 @@ async fn serve_raw(mut stream: TcpStream, after: After, body: &'static [u8], clo
             }
         }
         buf.drain(..head_end + length);
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        if stream.write_all(resp.as_bytes()).await.is_err() || stream.write_all(body).await.is_err() {
+        tokio::time::sleep(delay).await;
+        if stream.write_all(&answer).await.is_err() {
             return;
         }
         if after == After::SilentClose {
@@ -126,6 +158,11 @@ async fn sequential_requests_reuse_one_upstream_connection() {
         assert_eq!(resp.bytes().await.unwrap(), BODY);
     }
     assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "one pooled connection serves them all");
+    // HTTP/1.1 requests go out in origin form with the upstream's Host, as hyper-util did.
+    for (line, host) in up.heads.lock().unwrap().iter() {
+        assert_eq!(line, "post /v1/chat/completions http/1.1");
+        assert_eq!(host, &up.addr.to_string());
+    }
     sk.shutdown().await;
 }
 
@@ -191,6 +228,60 @@ async fn a_body_dropped_half_read_does_not_poison_the_pool() {
     assert_eq!(resp.status(), 200);
     let next = tokio::time::timeout(WAIT, resp.chunk()).await.unwrap().unwrap().unwrap();
     assert!(next.starts_with(b"data: {\"i\":0}"), "{next:?}");
+    sk.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_a_body_is_not_handed_to_the_next_request() {
+    let iam = FakeIam::start().await;
+    // Answers at once and never reads the upload: the first request's connection stays busy
+    // writing its body after its response has ended.
+    let up = RawUpstream::start(After::EarlyAnswer, BODY).await;
+    let sk = start_sidecar(one_worker(config(&iam, &up.base_url()))).await;
+    sk.ready().await;
+    let chunks = futures_util::stream::unfold(0u32, |i| async move {
+        tokio::time::sleep(Duration::from_millis(if i == 0 { 0 } else { 50 })).await;
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 16 * 1024])), i + 1))
+    });
+    let upload = client()
+        .post(sk.url("/v1/files"))
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 200);
+    assert_eq!(upload.bytes().await.unwrap(), BODY);
+    // The next request must not wait behind that upload (it would until a timeout).
+    let next = tokio::time::timeout(Duration::from_secs(5), post(&sk.url("/v1/chat/completions")))
+        .await
+        .expect("answered without waiting for the busy connection");
+    assert_eq!(next.status(), 200);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    sk.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_connections_beyond_pool_max_idle_per_host_are_closed() {
+    let iam = FakeIam::start().await;
+    // Slow answers, so a burst needs several connections at once.
+    let up = RawUpstream::start_with(After::KeepAlive, BODY, Duration::from_millis(300)).await;
+    let mut c = one_worker(config(&iam, &up.base_url()));
+    c.upstream.pool_max_idle_per_host = 1;
+    let sk = start_sidecar(c).await;
+    sk.ready().await;
+    let burst = (0..4).map(|_| {
+        let url = sk.url("/v1/chat/completions");
+        async move { post(&url).await.status() }
+    });
+    for status in futures_util::future::join_all(burst).await {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 4);
+    let closed = Arc::clone(&up.closed_by_peer);
+    eventually("all but one idle connection closed", || closed.load(Ordering::SeqCst) == 3).await;
+    assert_eq!(post(&sk.url("/v1/chat/completions")).await.status(), 200);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 4, "the one kept is reused");
     sk.shutdown().await;
 }
 
@@ -281,15 +372,19 @@ async fn tls_run(http2: bool) -> (usize, Vec<http::Version>) {
     for (status, body) in futures_util::future::join_all(burst).await {
         assert_eq!((status.as_u16(), &body[..]), (200, BODY));
     }
+    let connections = up.accepted.load(Ordering::SeqCst);
+    // Warm now: one more request opens no connection.
+    assert_eq!(post(&sk.url("/v1/chat/completions")).await.status(), 200);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), connections, "a pooled connection serves it");
     let versions = up.versions.lock().unwrap().clone();
     sk.shutdown().await;
-    (up.accepted.load(Ordering::SeqCst), versions)
+    (connections, versions)
 }
 
 #[tokio::test]
 async fn https_upstream_gets_one_multiplexed_h2_connection() {
     let (connections, versions) = tls_run(true).await;
-    assert_eq!(versions.len(), 17);
+    assert_eq!(versions.len(), 18);
     assert!(versions.iter().all(|v| *v == http::Version::HTTP_2), "{versions:?}");
     assert_eq!(connections, 1, "every request shares the h2 connection");
 }
@@ -297,7 +392,7 @@ async fn https_upstream_gets_one_multiplexed_h2_connection() {
 #[tokio::test]
 async fn https_upstream_over_http1_when_h2_is_off() {
     let (connections, versions) = tls_run(false).await;
-    assert_eq!(versions.len(), 17);
+    assert_eq!(versions.len(), 18);
     assert!(versions.iter().all(|v| *v == http::Version::HTTP_11), "{versions:?}");
     assert!((1..=17).contains(&connections), "{connections} connections");
 }

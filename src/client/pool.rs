@@ -85,7 +85,7 @@ impl std::fmt::Debug for HostPool {
 }
 
 enum Sender {
-    H1 { sender: http1::SendRequest<UpstreamBody>, reused: bool },
+    H1 { sender: http1::SendRequest<UpstreamBody>, reused: bool, host: HeaderValue },
     H2 { sender: http2::SendRequest<UpstreamBody>, reused: bool },
 }
 
@@ -112,10 +112,8 @@ impl Pool {
         loop {
             let sender = self.checkout(&scheme, &authority).await?;
             match sender {
-                Sender::H1 { mut sender, reused } => {
-                    if let Some(host) = self.host_header(&scheme, &authority) {
-                        req.headers_mut().entry(HOST).or_insert(host);
-                    }
+                Sender::H1 { mut sender, reused, host } => {
+                    req.headers_mut().entry(HOST).or_insert(host);
                     *req.uri_mut() = origin_form(&uri);
                     match sender.try_send_request(req).await {
                         Ok(resp) => {
@@ -154,11 +152,10 @@ impl Pool {
         scheme: &Scheme,
         authority: &Authority,
     ) -> Result<Sender, UpstreamError> {
-        let now = Instant::now();
-        loop {
-            let found = {
-                let mut hosts = self.lock();
-                let Some(host) = hosts.iter_mut().find(|h| h.is(scheme, authority)) else { break };
+        {
+            let now = Instant::now();
+            let mut hosts = self.lock();
+            if let Some(host) = hosts.iter_mut().find(|h| h.is(scheme, authority)) {
                 if let Some((used, h2)) = host.h2.as_mut() {
                     if h2.is_closed() {
                         host.h2 = None;
@@ -168,16 +165,16 @@ impl Pool {
                     }
                 }
                 host.expire(now, self.settings.idle_timeout);
-                host.idle.pop()
-            };
-            let Some((_, mut sender)) = found else { break };
-            if sender.is_closed() {
-                continue;
-            }
-            // Handed back at the end of its last response body; its connection task may not
-            // have noticed yet.
-            if sender.is_ready() || sender.ready().await.is_ok() {
-                return Ok(Sender::H1 { sender, reused: true });
+                // Only a connection that takes a request now: one still writing its last
+                // request's body (upstream answered early) would make this request wait.
+                while let Some((_, sender)) = host.idle.pop() {
+                    if sender.is_ready() {
+                        return Ok(Sender::H1 { sender, reused: true, host: host.host.clone() });
+                    }
+                    if !sender.is_closed() {
+                        self.return_when_ready(scheme, authority, sender);
+                    }
+                }
             }
         }
         // Boxed: connecting (DNS, TCP, TLS) makes a large future, and this one is moved on every
@@ -214,7 +211,9 @@ impl Pool {
             });
             let mut hosts = self.lock();
             let host = self.host_entry(&mut hosts, scheme, authority);
-            // Requests that raced to connect share whichever connection was stored first.
+            // Later requests share the stored connection; requests that raced to connect before it
+            // existed keep their own for this request (then it closes): a cold burst costs one
+            // handshake per request, once.
             if host.h2.as_ref().is_none_or(|(_, s)| s.is_closed()) {
                 host.h2 = Some((Instant::now(), sender.clone()));
             }
@@ -226,12 +225,8 @@ impl Pool {
                 tracing::debug!(error = %e, "Upstream connection ended with an error");
             }
         });
-        self.host_entry(&mut self.lock(), scheme, authority);
-        Ok(Sender::H1 { sender, reused: false })
-    }
-
-    fn host_header(&self, scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
-        self.lock().iter().find(|h| h.is(scheme, authority)).map(|h| h.host.clone())
+        let host = self.host_entry(&mut self.lock(), scheme, authority).host.clone();
+        Ok(Sender::H1 { sender, reused: false, host })
     }
 
     fn host_entry<'a>(
@@ -250,11 +245,43 @@ impl Pool {
         &mut hosts[i]
     }
 
-    /// Takes back an HTTP/1.1 connection whose response was read to the end.
-    fn checkin(&self, scheme: &Scheme, authority: &Authority, sender: http1::SendRequest<UpstreamBody>) {
+    /// Takes back an HTTP/1.1 connection whose response was read to the end: idle at once if it
+    /// takes a request now, else once it does (its request body may still be on its way, when
+    /// upstream answered before reading all of it).
+    fn checkin(
+        self: &Arc<Self>,
+        scheme: &Scheme,
+        authority: &Authority,
+        sender: http1::SendRequest<UpstreamBody>,
+    ) {
         if sender.is_closed() || self.settings.max_idle_per_host == 0 {
             return;
         }
+        if !sender.is_ready() {
+            self.return_when_ready(scheme, authority, sender);
+            return;
+        }
+        self.idle(scheme, authority, sender);
+    }
+
+    /// Waits, in a task of its own, until `sender` takes a request (or its connection closes).
+    fn return_when_ready(
+        self: &Arc<Self>,
+        scheme: &Scheme,
+        authority: &Authority,
+        mut sender: http1::SendRequest<UpstreamBody>,
+    ) {
+        let (pool, scheme, authority) = (Arc::downgrade(self), scheme.clone(), authority.clone());
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                if let Some(pool) = pool.upgrade() {
+                    pool.idle(&scheme, &authority, sender);
+                }
+            }
+        });
+    }
+
+    fn idle(&self, scheme: &Scheme, authority: &Authority, sender: http1::SendRequest<UpstreamBody>) {
         let mut hosts = self.lock();
         let host = self.host_entry(&mut hosts, scheme, authority);
         if host.idle.len() >= self.settings.max_idle_per_host {
@@ -294,11 +321,6 @@ impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HostPool>> {
         // Nothing here can be left half-updated by a panic: recover the guard.
         self.hosts.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Idle HTTP/1.1 connections now (for tests).
-    pub fn idle_connections(&self) -> usize {
-        self.lock().iter().map(|h| h.idle.len()).sum()
     }
 }
 

@@ -491,9 +491,7 @@ impl Drop for RequestGuard {
         let scan = self.usage.take().map(UsageScanner::finish);
         if let Some(scan) = &scan {
             if let (Some(client), Some(u)) = (&self.client, scan.usage) {
-                for (kind, n) in [("prompt", u.prompt), ("completion", u.completion), ("total", u.total)] {
-                    client.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
-                }
+                client.count_tokens(u.prompt, u.completion, u.total);
             }
             self.metrics.record_usage(scan, model);
         }

@@ -17,6 +17,7 @@ pub struct ReplayHead {
     buf: Vec<u8>,
     uri_len: usize,
     headers: usize,
+    complete: bool,
 }
 
 impl std::fmt::Debug for ReplayHead {
@@ -44,9 +45,12 @@ impl ReplayHead {
         }
         buf.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
         let uri_len = buf.len();
+        let mut complete = true;
         for (name, value) in headers {
-            // hyper's limits keep both far below these widths; a longer one is not replayable.
+            // hyper's limits keep both far below these widths; a longer one makes the request
+            // not replayable (rather than replayed without it).
             let (Ok(n), Ok(v)) = (u16::try_from(name.as_str().len()), u32::try_from(value.len())) else {
+                complete = false;
                 continue;
             };
             buf.extend_from_slice(&n.to_le_bytes());
@@ -55,12 +59,15 @@ impl ReplayHead {
             buf.push(u8::from(value.is_sensitive()));
             buf.extend_from_slice(value.as_bytes());
         }
-        Self { method: method.clone(), buf, uri_len, headers: headers.len() }
+        Self { method: method.clone(), buf, uri_len, headers: headers.len(), complete }
     }
 
-    /// The method, URI and headers as captured; `None` if they no longer parse (they were
-    /// valid when captured, so this does not happen).
+    /// The method, URI and headers as captured; `None` if a header was too long to pack, or if
+    /// they no longer parse (a URI over `Uri`'s 64 KiB parse limit: the 401 is passed through).
     pub fn restore(self) -> Option<(Method, Uri, HeaderMap)> {
+        if !self.complete {
+            return None;
+        }
         let uri = Uri::try_from(self.buf.get(..self.uri_len)?).ok()?;
         let mut headers = HeaderMap::with_capacity(self.headers);
         let mut rest = self.buf.get(self.uri_len..)?;

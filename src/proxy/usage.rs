@@ -489,8 +489,17 @@ impl ModelLabels {
                 self.unknown.get_or_init(|| Arc::new(ModelCounters::new("unknown".into(), requests))),
             );
         };
-        if let Some(c) = self.seen.load().get(model) {
-            return Arc::clone(c);
+        {
+            let seen = self.seen.load();
+            if let Some(c) = seen.get(model) {
+                return Arc::clone(c);
+            }
+            // Past the bound (model names can come from callers): no lock on every response.
+            if seen.len() >= self.max {
+                return Arc::clone(
+                    self.other.get_or_init(|| Arc::new(ModelCounters::new("other".into(), requests))),
+                );
+            }
         }
         let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
         let seen = self.seen.load_full();

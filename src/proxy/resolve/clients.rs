@@ -31,7 +31,8 @@ pub struct Client {
     requests: IntCounterVec,
     /// `sidekey_client_requests_total{client=name}` children per status, resolved once.
     counters: Vec<OnceLock<IntCounter>>,
-    pub tokens: IntCounterVec,
+    /// `sidekey_client_tokens_total{client=name, kind}` for prompt, completion, total.
+    token_counters: [IntCounter; 3],
 }
 
 impl Client {
@@ -45,9 +46,8 @@ impl Client {
     ) -> Self {
         // Present from the first scrape.
         requests.with_label_values(&[name, "200"]);
-        for kind in ["prompt", "completion", "total"] {
-            tokens.with_label_values(&[name, kind]);
-        }
+        let token_counters =
+            ["prompt", "completion", "total"].map(|kind| tokens.with_label_values(&[name, kind]));
         Self {
             name: Arc::from(name),
             set,
@@ -55,7 +55,14 @@ impl Client {
             slots: max_inflight.map(|n| (Arc::new(Semaphore::new(n)), n)),
             requests,
             counters: (100..600).map(|_| OnceLock::new()).collect(),
-            tokens,
+            token_counters,
+        }
+    }
+
+    /// Counts a response's token usage in `sidekey_client_tokens_total`.
+    pub fn count_tokens(&self, prompt: u64, completion: u64, total: u64) {
+        for (counter, n) in self.token_counters.iter().zip([prompt, completion, total]) {
+            counter.inc_by(n);
         }
     }
 
