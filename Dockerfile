@@ -32,7 +32,7 @@ COPY Cargo.toml Cargo.lock ./
 # them (.ci/validate-deploy.sh checks this list against Cargo.toml). --locked: build exactly the
 # versions in Cargo.lock, fail if it is out of date.
 RUN mkdir -p src bench benches \
- && for f in src/main.rs bench/upstream.rs bench/client.rs benches/request_path.rs; do \
+ && for f in src/main.rs bench/upstream.rs bench/client.rs bench/floor.rs benches/request_path.rs; do \
       echo 'fn main() {}' > "$f"; \
     done \
  && touch src/lib.rs \
