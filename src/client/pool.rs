@@ -109,6 +109,8 @@ impl Pool {
         let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
             return Err(UpstreamError::NoHost);
         };
+        // A request a reused connection never started goes again, a bounded number of times.
+        let mut retries = 3;
         loop {
             let sender = self.checkout(&scheme, &authority).await?;
             match sender {
@@ -123,7 +125,8 @@ impl Pool {
                         Err(mut e) => match e.take_message() {
                             // Never started on a connection the upstream had closed: again,
                             // on another one (a fresh connection's failure is final).
-                            Some(again) if reused => {
+                            Some(again) if reused && retries > 0 => {
+                                retries -= 1;
                                 req = again;
                                 *req.uri_mut() = uri.clone();
                             }
@@ -132,11 +135,18 @@ impl Pool {
                     }
                 }
                 Sender::H2 { mut sender, reused } => {
+                    // `:authority` comes from the URI; a `Host` here can only be the one set for
+                    // an HTTP/1.1 attempt before a retry (the client's was removed), and h2
+                    // servers refuse the pair.
+                    req.headers_mut().remove(HOST);
                     *req.uri_mut() = uri.clone();
                     match sender.try_send_request(req).await {
                         Ok(resp) => return Ok(resp.map(|body| PooledBody { body, back: None })),
                         Err(mut e) => match e.take_message() {
-                            Some(again) if reused => req = again,
+                            Some(again) if reused && retries > 0 => {
+                                retries -= 1;
+                                req = again;
+                            }
                             _ => return Err(UpstreamError::Connection(e.into_error())),
                         },
                     }
