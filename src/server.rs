@@ -296,6 +296,9 @@ where
     }
 }
 
+/// How long a connection must have sent nothing before eviction counts it as silent.
+const SETTLE: Duration = Duration::from_secs(1);
+
 /// The shortest connection timeout [`watch`] works with.
 const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -346,16 +349,23 @@ impl ConnTable {
         self.lock().remove(&state.id);
     }
 
-    /// Asks one connection without a request in flight to close: the oldest that never sent a
-    /// request, else the oldest idle one. False if there is none.
+    /// Asks one connection without a request in flight to close: the oldest silent one (no
+    /// request for `SETTLE` since accept), else the oldest idle keep-alive, else a young silent
+    /// one. False if there is none.
     fn evict_one_idle(&self) -> bool {
         let conns = self.lock();
+        let now = Instant::now();
         let idle =
             |c: &&Arc<ConnState>| c.active.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Acquire);
+        let silent = |c: &&Arc<ConnState>| c.requests.load(Ordering::Acquire) == 0;
+        // A socket accepted a moment ago (maybe by another worker) has likely not had its first
+        // request read yet: it is silent only once it has stayed so for `SETTLE`. Before that an
+        // idle keep-alive goes first, and a young silent one only when there is nothing else.
         let victim = conns
             .values()
             .filter(idle)
-            .find(|c| c.requests.load(Ordering::Acquire) == 0)
+            .find(|c| silent(c) && now.saturating_duration_since(c.born) >= SETTLE)
+            .or_else(|| conns.values().filter(idle).find(|c| !silent(c)))
             .or_else(|| conns.values().find(idle));
         match victim {
             Some(c) => {
